@@ -62,9 +62,17 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def _missing(path: Path) -> list[str]:
+    """Required files absent; an adapter checkpoint holds adapter.safetensors instead of model.safetensors."""
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing == ["model.safetensors"] and (path / "adapter.safetensors").is_file():
+        return []
+    return missing
+
+
 def is_complete(path: str | Path) -> bool:
     path = resolve(path)
-    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+    return path.is_dir() and not _missing(path)
 
 
 class CheckpointWriter:
@@ -152,7 +160,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     if not path.is_dir():
         raise ChatforgeError(f"{path}: checkpoint directory not found")
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    missing = _missing(path)
     if missing:
         raise ChatforgeError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     meta = json.loads((path / "meta.json").read_text())
@@ -169,8 +177,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from chatforge.tokenizer import Tokenizer
     path = resolve(path)
     meta = read_meta(path)
-    if expect_kind is not None and meta["kind"] not in expect_kind:
+    if expect_kind is not None and meta["kind"] not in expect_kind and meta.get("acts_as") not in expect_kind:
         raise ChatforgeError(f"{path}: is a {meta['kind']} checkpoint, expected {' or '.join(expect_kind)}")
+    if meta["kind"] == "adapter":  # LoRA / P-tuning saved alone: load its base, then apply it
+        from chatforge.model.adapters import load_adapter_checkpoint
+        return load_adapter_checkpoint(path, device=device, dtype=dtype)
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     tensors = load_file(str(path / "model.safetensors"))
     if meta["kind"] in ("reward", "value"):
