@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, few-shot, gold win-rate, Elo."""
