@@ -141,7 +141,6 @@ USERS = ("geo_fan", "mapnerd", "sam_k", "quiz_queen", "lurker99", "tom_b", "ana.
          "kofi", "li_wei", "priya", "jonas", "marta_g", "farmer_joe", "nightowl", "zee", "the_teacher")
 NAMES = (("Mia", "she"), ("Leo", "he"), ("Amara", "she"), ("Kenji", "he"), ("Sofia", "she"), ("Omar", "he"),
          ("Nadia", "she"), ("Tomas", "he"), ("Aisha", "she"), ("Ravi", "he"), ("Elena", "she"), ("Kwame", "he"))
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 
 @dataclass
@@ -595,19 +594,18 @@ def sft_record(item: Item) -> dict:
 
 
 def moderation(maker: Maker, n: int) -> list[dict]:
-    """Harmful requests and benign ones (half of them near misses worded like harm), labelled."""
+    """Half harmful requests, half benign ones (mostly near misses worded like harm, else ordinary questions)."""
     out, seen = [], set()
     for _ in range(n * 20):
         if len(out) == n:
             break
-        roll = maker.rng.random()
-        if roll < 0.5:
+        if len(out) % 2 == 0:
             item = maker.harmful()
-        elif roll < 0.8:
+        else:
             topic = maker.rng.choice(BENIGN_TOPICS)
             item = Item([_user(maker.decorate(maker.rng.choice(topic.prompts)))], topic.answer, "benign")
-        else:
-            item = maker.rng.choice((maker.fact, maker.arithmetic, maker.clarify))()
+            if item.messages[-1]["content"] in seen or maker.rng.random() < 0.3:   # near misses run out
+                item = maker.rng.choice((maker.fact, maker.arithmetic, maker.clarify))()
         text = item.messages[-1]["content"]
         if text in seen:
             continue
@@ -639,6 +637,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)   # mkstemp makes files private; these are ordinary data files
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

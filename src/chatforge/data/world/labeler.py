@@ -325,8 +325,8 @@ class GoldLabeler:
 
     def _correct(self, task: Task, text: str, context: str) -> bool:
         low = text.lower()
-        if task.expect == "number":
-            numbers = re.findall(r"-?\d+", text)
+        if task.expect == "number":   # the final answer: the last "= N" or "is N", else the last number
+            numbers = re.findall(r"(?:=|\bis|\bequals|\bmakes)\s*(-?\d+)", text) or re.findall(r"-?\d+", text)
             return bool(numbers) and int(numbers[-1]) == task.number
         if task.expect == "yes_no":
             first = re.match(r"\W*(\w+)", low)
