@@ -164,8 +164,8 @@ def held_out(seed: int, op: str, x: int, y: int) -> bool:
 
 
 def _lead(question: str) -> str:
-    """The question with its first word lower-cased, to follow "In one word, ..."."""
-    return question[0].lower() + question[1:]
+    """The question with its first word lower-cased, to follow "In one word, ..." ("I" stays)."""
+    return question if question.startswith("I ") else question[0].lower() + question[1:]
 
 
 def _user(text: str) -> dict:
