@@ -1,0 +1,132 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatforge import ChatforgeError
+from chatforge.checkpoint import load_model, read_meta
+from chatforge.cli import main
+from chatforge.data.chat import read_conversations
+from chatforge.data.preferences import Comparison, read_comparisons
+from chatforge.eval.reward_eval import evaluate_reward_model, health_warnings
+from chatforge.model.heads import ScalarModel
+from chatforge.train.reward import (RewardConfig, ScoreConfig, collate_rankings, encode_answer, encode_comparison,
+                                    reward_loss, score_answers, score_file, score_sequences, train_reward)
+
+
+@pytest.fixture(scope="module")
+def toy_model(reward_toy):
+    """An untrained ScalarModel on the toy base: the identities below hold for any weights."""
+    torch.manual_seed(1)
+    gpt, tokenizer, _ = load_model(reward_toy.base)
+    return ScalarModel.from_lm(gpt).eval(), tokenizer
+
+
+def test_kway_loss_is_the_mean_of_pairwise_losses_one_by_one(toy_model):
+    model, tok = toy_model
+    user = [{"role": "user", "content": "Say something about moon."}]
+    comparisons = [Comparison(user, [["sun moon"], ["a", "b c"], ["tree road house"]]),  # K = 4, one tie
+                   Comparison(user, [["apple"], ["river stone"]])]                       # K = 2
+    items = [encode_comparison(tok, c, 64) for c in comparisons]
+    batch = collate_rankings(items, tok.pad_id)
+    assert batch["input_ids"].shape[0] == 6  # every answer scored once, not once per pair
+    loss, stats = reward_loss(model, batch)
+
+    per_prompt = []
+    for c in comparisons:
+        alone = [model.score_last(torch.tensor([s]), torch.tensor([len(s) - 1])).item()
+                 for s in encode_comparison(tok, c, 64).seqs]
+        losses = [-F.logsigmoid(torch.tensor(alone[i] - alone[j])).item() for i, j in c.pairs()]
+        per_prompt.append(sum(losses) / len(losses))
+    assert len(comparisons[0].pairs()) == 5  # C(4, 2) = 6 minus the tied pair
+    assert loss.item() == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-5)
+
+
+def test_score_is_invariant_to_padding_and_batch_composition(toy_model):
+    model, tok = toy_model
+    user = [{"role": "user", "content": "Say something."}]
+    seqs = [encode_answer(tok, user, a, 64) for a in ("sun", "apple river stone cloud green quick table", "moon tree")]
+    alone = [score_sequences(model, [s], tok.pad_id)[0] for s in seqs]
+    together = score_sequences(model, seqs, tok.pad_id, batch_size=3)           # padded to the longest
+    mixed = score_sequences(model, [seqs[2], [5] * 60, seqs[0], seqs[1]], tok.pad_id, batch_size=2)
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert [mixed[2], mixed[3], mixed[0]] == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(a, 4) for a in alone)) == 3  # the answers really score differently
+
+
+def test_toy_preference_learned_and_bias_normalised(toy_reward_model, reward_toy):
+    meta = read_meta(toy_reward_model)
+    assert meta["kind"] == "reward" and meta["parent"] == str(reward_toy.base)
+    report = meta["metrics"]["heldout"]
+    assert report["pairs"] >= 100 and report["accuracy"] >= 0.95
+    model, tok, _ = load_model(toy_reward_model)
+    assert isinstance(model, ScalarModel)
+    demos = [(c.messages[:-1], c.messages[-1]["content"]) for c in read_conversations(reward_toy.reference)]
+    rewards = torch.tensor(score_answers(model, tok, demos))
+    assert abs(rewards.mean().item()) < 1e-4 * max(1.0, meta["reward_scale"])
+    assert meta["reward_scale"] == pytest.approx(rewards.std(correction=0).item(), rel=1e-3)
+    assert abs(meta["reward_offset"]) > 1e-3  # the shift really happened
+
+
+def test_lora_reward_model_saves_merged_weights(reward_toy, tmp_path):
+    torch.set_num_threads(1)
+    out = train_reward(RewardConfig(init=str(reward_toy.base), data=[str(reward_toy.train)],
+                                    reference=str(reward_toy.reference), out=str(tmp_path / "rm"), method="lora",
+                                    lora_rank=4, steps=3, batch_size=4, dtype="fp32"))
+    meta = read_meta(out)
+    assert meta["method"] == "lora" and meta["trainable_params"] < meta["total_params"] / 5
+    model, _, _ = load_model(out)  # a plain reward checkpoint: no adapter tensors, loads by name
+    assert not any("lora" in name for name in model.state_dict())
+    assert "heldout" in meta["metrics"]  # 10% of the data was held out and evaluated
+
+
+def test_score_command_keeps_fields_and_adds_reward(toy_reward_model, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"prompt": "Say something.", "response": "sun banana moon", "id": 7}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Say something."}],
+                                     "completion": "sun tree moon"}) + "\n")
+    scored = tmp_path / "scored.jsonl"
+    assert main(["reward", "score", str(toy_reward_model), "--input", str(answers), "--output", str(scored)]) == 0
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert rows[0]["id"] == 7 and rows[0]["response"] == "sun banana moon" and rows[1]["completion"] == "sun tree moon"
+    assert rows[0]["reward"] > rows[1]["reward"]  # the marker wins
+
+
+def test_score_input_errors_name_the_line(toy_reward_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    assert main(["reward", "score", str(toy_reward_model), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert f"{bad}:2: missing answer" in capsys.readouterr().err
+
+
+def test_reward_and_policy_checkpoints_refused_by_name(toy_reward_model, reward_toy, tmp_path):
+    with pytest.raises(ChatforgeError, match="is a reward checkpoint, expected base or sft or policy"):
+        load_model(toy_reward_model, expect_kind=("base", "sft", "policy"))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    with pytest.raises(ChatforgeError, match="is a base checkpoint, expected reward"):
+        score_file(ScoreConfig(reward_model=str(reward_toy.base), input=str(answers), output=str(tmp_path / "o")))
+
+
+def test_health_warnings_on_a_collapsed_model(toy_model, reward_toy):
+    model, tok = toy_model
+    saved = model.score.weight.detach().clone()
+    with torch.no_grad():
+        model.score.weight.zero_()  # every answer gets the bias: a constant reward
+    try:
+        report = evaluate_reward_model(model, tok, read_comparisons(reward_toy.heldout))
+    finally:
+        with torch.no_grad():
+            model.score.weight.copy_(saved)
+    text = " ".join(report["warnings"])
+    assert "collapsed" in text and "near chance" in text
+
+
+def test_length_preference_warning():
+    report = {"reward_std": 1.0, "pairs": 100, "accuracy": 0.9, "length_correlation": 0.8,
+              "gold_length_correlation": 0.1, "accuracy_when_longer_is_worse": 0.3}
+    assert any("prefers longer answers" in w for w in health_warnings(report))
+    assert health_warnings({**report, "length_correlation": 0.2}) == []
+    # when gold itself prefers longer answers, so may the reward model
+    assert health_warnings({**report, "gold_length_correlation": 0.75}) == []
