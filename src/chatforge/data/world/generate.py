@@ -36,7 +36,7 @@ class Size:
 SIZES = {
     "small": Size(0.17, 300, 200, 200, 200, 150),
     "default": Size(1.0, 3000, 4000, 4000, 3000, 600),
-    "large": Size(6.0, 13000, 33000, 31000, 10000, 2000),   # InstructGPT's prompt counts
+    "large": Size(6.0, 13000, 33000, 31000, 4000, 2000),   # InstructGPT's prompt counts; ~2k distinct harmful requests exist
 }
 
 # Shares of the corpus's undesirable patterns (the web is not a demonstration).
