@@ -163,34 +163,22 @@ def encode_conversations(tokenizer: Tokenizer, conversations: list[Conversation]
     return examples, stats
 
 
-def bucket_batches(lengths: list[int], batch_tokens: int, seed: int, shuffle: bool = True,
-                   pool: int = 64) -> list[list[int]]:
-    """Index batches of similar length, each padded to at most `batch_tokens` tokens.
+def bucket_batches(lengths: list[int], rows: int, seed: int, shuffle: bool = True, pool: int = 32) -> list[list[int]]:
+    """Batches of `rows` example indices of similar length, so little compute is spent on padding.
 
-    Examples are shuffled, sorted by length within pools of `pool` batches' worth, cut into batches, and
-    the batches shuffled again: little padding, and still a different order every epoch (seed).
+    Examples are shuffled, sorted by length within pools of `pool` batches, cut into batches, and the
+    batches shuffled again: a different order every epoch (seed), each example exactly once.
     """
+    if rows < 1:
+        raise ChatforgeError(f"batch rows must be >= 1, got {rows}")
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
-    longest = max(lengths)
-    if longest > batch_tokens:
-        raise ChatforgeError(f"batch_tokens={batch_tokens} is smaller than the longest example ({longest} tokens)")
-    pool_size = max(1, pool * batch_tokens // max(1, sum(lengths) // len(lengths)))
     batches: list[list[int]] = []
-    for start in range(0, len(order), pool_size):
-        chunk = sorted(order[start:start + pool_size], key=lambda i: lengths[i])
-        batch: list[int] = []
-        width = 0
-        for i in chunk:
-            if batch and max(width, lengths[i]) * (len(batch) + 1) > batch_tokens:
-                batches.append(batch)
-                batch, width = [], 0
-            batch.append(i)
-            width = max(width, lengths[i])
-        if batch:
-            batches.append(batch)
+    for start in range(0, len(order), pool * rows):
+        chunk = sorted(order[start:start + pool * rows], key=lambda i: lengths[i])
+        batches += [chunk[i:i + rows] for i in range(0, len(chunk), rows)]
     if shuffle:
         rng.shuffle(batches)
     return batches
