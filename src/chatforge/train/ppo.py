@@ -1,0 +1,679 @@
+"""Step 3 of RLHF: PPO against the reward model, with a KL penalty to the SFT model (InstructGPT), and PPO-ptx.
+
+One iteration, as this file reads top to bottom:
+
+  1. rollout     the policy answers a batch of prompts through the shared engine at temperature 1,
+                 keeping the log-prob of every sampled token
+  2. score       the frozen reference gives log-probs of the same tokens; the frozen reward model scores each
+                 answer at its last token; the value model gives V at every answer token
+  3. rewards     r_t = -β·KL_t on every token, plus the score at the last one (minus a penalty if the
+                 answer never ended: the "EOS trick")
+  4. advantages  GAE(γ, λ) over the answer tokens, whitened over the batch
+  5. update      PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss
+                 (+ ptx_coef · the language-model loss on pretraining text, for PPO-ptx)
+  6. β           adapted toward the KL target (Ziegler et al. 2019) when adaptive
+
+Models: the policy starts as the SFT model; the reference is a frozen copy of it (with LoRA: the same weights
+with the adapters switched off); the value model starts as the reward model (InstructGPT) or is a
+zero-initialised head on the policy; the reward model is frozen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatforge import ChatforgeError
+from chatforge.checkpoint import RunLock, file_hash, load_model, read_meta, resolve, save_model_checkpoint
+from chatforge.config import add_config_args, config_from_args
+from chatforge.device import autocast as bf16_autocast
+from chatforge.device import pick_device
+from chatforge.model.heads import ScalarModel
+from chatforge.model.transformer import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train import rl_math
+from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer
+from chatforge.train.progress import Progress
+from chatforge.train.rl_math import masked_mean
+
+# (prompt ids, answer ids, finished) per answer -> one scalar per answer
+RewardFn = Callable[[list[list[int]], list[list[int]], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""                 # the SFT checkpoint the policy starts from (or a policy to continue)
+    reward_model: str = ""           # a reward checkpoint (chatforge reward train)
+    prompts: str = ""                # PPO prompt set, JSONL with "messages" or "prompt"
+    out: str = "runs/default/ppo"
+    reference: str = ""              # default: the policy's own starting weights; must be the policy or its parent
+    value_init: str = "reward"       # reward: a value model copied from the reward model | head: a head on the policy
+    lora: bool = False               # train LoRA adapters; the reference is then the base with adapters off
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # rollouts
+    iterations: int = 100
+    rollout_batch: int = 64          # prompts answered per iteration
+    max_new_tokens: int = 64
+    missing_eos_penalty: float = 1.0
+    # reward
+    kl_coef: float = 0.05            # β; the initial β when adaptive
+    adaptive_kl: bool = False
+    kl_target: float = 6.0           # nats per answer
+    kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"
+    score_norm: bool = False         # divide scores by a running std (and centre them)
+    score_clip: float = 0.0          # clip scores to ±score_clip; 0 = off
+    # PPO
+    ppo_epochs: int = 2
+    minibatch: int = 16
+    lr: float = 1e-5
+    value_lr: float = 5e-5
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    # PPO-ptx
+    ptx_corpus: list[str] = field(default_factory=list)
+    ptx_coef: float = 0.0
+    ptx_batch: int = 8
+    ptx_context: int = 128
+    # observability
+    sample_every: int = 10
+    eval_prompts: str = ""           # the dev split: proxy reward, KL (and gold score) tracked on it
+    eval_every: int = 0
+    eval_size: int = 64
+    gold: bool = False               # score the eval answers with the tiny world's gold labeler too
+    save_every: int = 0
+    seed: int = 0
+    device: str | None = None        # cuda, mps or cpu; default: the best available
+    dtype: str = "fp32"              # fp32 | bf16 (autocast; the engine's and the update's log-probs then differ more)
+    threads: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.value_init in ("reward", "head"), f"value_init must be 'reward' or 'head', got {self.value_init!r}"),
+            (self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}"),
+            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.rollout_batch >= 2, f"rollout_batch must be >= 2 (advantages are whitened), got {self.rollout_batch}"),
+            (1 <= self.minibatch <= self.rollout_batch,
+             f"minibatch must be in [1, rollout_batch={self.rollout_batch}], got {self.minibatch}"),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
+            (0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "gamma and lam must be in [0, 1]"),
+            (self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}"),
+            (self.ptx_coef >= 0, f"ptx_coef must be >= 0, got {self.ptx_coef}"),
+            (not (self.ptx_coef > 0 and not self.ptx_corpus), "ptx_coef > 0 needs ptx_corpus (pretraining text)"),
+            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ChatforgeError(message)
+
+
+# ---------------------------------------------------------------- models
+
+class ValueHead(nn.Module):
+    """V(s) on the policy's own hidden states, zero-initialised: every value starts at exactly 0."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+
+@dataclass
+class PPOModels:
+    policy: GPT                      # trained: all weights, or only its LoRA adapters
+    reference: GPT | None            # frozen; None means the policy with its adapters switched off
+    value: nn.Module                 # a ScalarModel (from the reward model) or a ValueHead on the policy
+    reward: RewardFn                 # frozen
+    tokenizer: Tokenizer
+
+    def reference_context(self):
+        if self.reference is not None:
+            return nullcontext(self.reference)
+        from chatforge.model.adapters import adapters_disabled
+        return adapters_disabled(self.policy)
+
+
+class RewardModelScorer:
+    """The reward model as a RewardFn: its scalar at the answer's last token, normalised as its meta says."""
+
+    def __init__(self, model: ScalarModel, pad_id: int, meta: dict[str, Any], batch_size: int = 32) -> None:
+        self.model, self.pad_id, self.batch_size = model.eval().requires_grad_(False), pad_id, batch_size
+        self.scale = float((meta.get("metrics") or {}).get("reward_scale") or meta.get("reward_scale") or 1.0)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], answers: list[list[int]], finished: torch.Tensor) -> torch.Tensor:
+        from chatforge.train.reward import score_sequences
+        seqs = [p + a for p, a in zip(prompts, answers)]
+        return torch.tensor(score_sequences(self.model, seqs, self.pad_id, self.batch_size)) / self.scale
+
+
+def read_prompts(path: str | Path, tokenizer: Tokenizer, context: int, max_new_tokens: int
+                 ) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Prompt ids and records of a JSONL prompt set; every prompt must leave room for an answer."""
+    from chatforge.data.preferences import iter_jsonl, parse_prompt
+    ids, records = [], []
+    for where, record in iter_jsonl(path):
+        messages = parse_prompt(record, where)
+        prompt = tokenizer.prompt(messages)
+        if len(prompt) + max_new_tokens > context:
+            raise ChatforgeError(f"{where}: the prompt is {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
+                                 f"it exceeds the model's context of {context}")
+        ids.append(prompt)
+        records.append({**record, "messages": messages})
+    if not ids:
+        raise ChatforgeError(f"{path}: no prompts in the file")
+    return ids, records
+
+
+def weights_hash(checkpoint: Path) -> str:
+    weights = checkpoint / "model.safetensors"
+    return file_hash(weights if weights.is_file() else checkpoint / "adapter.safetensors")
+
+
+@dataclass
+class CheckedInputs:
+    policy_meta: dict[str, Any]
+    prompts: list[list[int]]
+    eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None
+
+
+def check_inputs(cfg: PPOConfig) -> CheckedInputs:
+    """Every check that needs only files, run before any model is built: checkpoints, tokenizers, prompts."""
+    for name in ("policy", "reward_model", "prompts"):
+        if not getattr(cfg, name):
+            raise ChatforgeError(f"--{name.replace('_', '-')} is required")
+    policy_meta = read_meta(cfg.policy)
+    if policy_meta["kind"] in ("reward", "value"):
+        raise ChatforgeError(f"{cfg.policy}: is a {policy_meta['kind']} checkpoint, expected a policy (sft or policy)")
+    reward_meta = read_meta(cfg.reward_model)
+    if reward_meta["kind"] != "reward":
+        raise ChatforgeError(f"{cfg.reward_model}: is a {reward_meta['kind']} checkpoint, expected a reward model")
+    policy_tok = (resolve(cfg.policy) / "tokenizer.json").read_bytes()
+    if (resolve(cfg.reward_model) / "tokenizer.json").read_bytes() != policy_tok:
+        raise ChatforgeError(f"{cfg.reward_model}: its tokenizer differs from the policy's ({cfg.policy}); the reward "
+                             "model must be trained from the same SFT lineage")
+    if cfg.reference:
+        ref, pol = resolve(cfg.reference), resolve(cfg.policy)
+        ref_hash = weights_hash(ref)
+        if ref_hash not in (weights_hash(pol), policy_meta.get("parent_hash")):
+            raise ChatforgeError(f"{cfg.reference}: is not the policy's parent: {cfg.policy} was trained from "
+                                 f"{policy_meta.get('parent')} (weights {policy_meta.get('parent_hash')}), the "
+                                 f"reference has weights {ref_hash}")
+        if (ref / "tokenizer.json").read_bytes() != policy_tok:
+            raise ChatforgeError(f"{cfg.reference}: its tokenizer differs from the policy's ({cfg.policy})")
+    tokenizer = Tokenizer.load(resolve(cfg.policy))
+    context = json.loads((resolve(cfg.policy) / "config.json").read_text())["max_position_embeddings"]
+    prompts, _ = read_prompts(cfg.prompts, tokenizer, context, cfg.max_new_tokens)
+    eval_set = None
+    if cfg.eval_prompts:
+        eval_prompts, eval_records = read_prompts(cfg.eval_prompts, tokenizer, context, cfg.max_new_tokens)
+        eval_set = (eval_prompts[:cfg.eval_size], eval_records[:cfg.eval_size])
+    return CheckedInputs(policy_meta, prompts, eval_set)
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> tuple[PPOModels, dict[str, Any]]:
+    policy, tokenizer, policy_meta = load_model(cfg.policy, device, expect_kind=("sft", "policy", "base"))
+    reward_model, _, reward_meta = load_model(cfg.reward_model, device, expect_kind=("reward",))
+    if reward_model.config.max_position_embeddings < policy.config.max_position_embeddings:
+        raise ChatforgeError(f"{cfg.reward_model}: context {reward_model.config.max_position_embeddings} is shorter "
+                             f"than the policy's {policy.config.max_position_embeddings}")
+    reference = None
+    if cfg.lora:
+        from chatforge.model.adapters import LoRAConfig, attach_lora
+        attach_lora(policy, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0))
+    else:
+        reference, _, _ = load_model(cfg.reference or cfg.policy, device)
+        reference.requires_grad_(False)
+    if cfg.value_init == "reward":
+        value: nn.Module = load_model(cfg.reward_model, device)[0]
+        value.requires_grad_(True)
+    else:
+        value = ValueHead(policy.config.hidden_size).to(device)
+    scorer = RewardModelScorer(reward_model, tokenizer.pad_id, reward_meta)
+    return PPOModels(policy.eval(), reference.eval() if reference else None, value.eval(), scorer, tokenizer), policy_meta
+
+
+# ---------------------------------------------------------------- 1. rollout
+
+@dataclass
+class Experience:
+    """One iteration's answers as tensors over answer tokens [B, T] (right-padded), with everything PPO needs."""
+    sequences: torch.Tensor          # [B, L] prompt + answer, right-padded
+    positions: torch.Tensor          # [B, T] the position whose output predicts answer token t
+    answers: torch.Tensor            # [B, T] answer token ids
+    mask: torch.Tensor               # [B, T] 1 on real answer tokens
+    logprobs: torch.Tensor           # [B, T] under the policy that sampled them
+    finished: torch.Tensor           # [B] the answer ended with an end-of-turn token
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None       # reward model, after the EOS penalty and normalisation
+    raw_scores: torch.Tensor | None = None   # reward model as it returned them
+    kl: torch.Tensor | None = None           # [B, T] per-token KL estimate
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> "Experience":
+        """A minibatch, trimmed to its own longest sequence."""
+        sub = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        width = int((sub["positions"] * sub["mask"]).max().item()) + 2
+        sub["sequences"] = sub["sequences"][:, :width]
+        sub["positions"] = sub["positions"].clamp(max=width - 1)  # padding slots point inside the trimmed rows
+        answer_width = max(int(sub["mask"].sum(1).max().item()), 1)
+        for k in ("positions", "answers", "mask", "logprobs", "ref_logprobs", "values", "kl", "rewards",
+                  "advantages", "returns"):
+            if sub[k] is not None:
+                sub[k] = sub[k][:, :answer_width]
+        return Experience(**sub)
+
+
+@dataclass
+class Answer:
+    prompt_ids: list[int]
+    ids: list[int]                   # the answer's tokens, its end-of-turn token included when it ended
+    logprobs: list[float]            # one per token in `ids`, under the policy that sampled them
+    text: str                        # the answer as the user sees it (no end-of-turn token)
+    finished: bool                   # ended with an end-of-turn token, not at the length limit
+
+
+def rollout(engine, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], seed: int) -> list[Answer]:
+    """Sample one answer per prompt at temperature 1 (no top-k/top-p: PPO's log-probs are of the full policy).
+
+    The engine leaves the stop token out of `ids` but gives its log-prob; the stream tells which token it was,
+    and PPO keeps it: ending the answer is an action the policy is rewarded for.
+    """
+    from chatforge.infer.engine import SamplingParams
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                            repetition_penalty=1.0, stop_ids=stop_ids, seed=seed)
+    stream = engine.stream(prompts, params, return_logprobs=True)
+    last_token: dict[int, int] = {}
+    for step in stream:
+        last_token.update(step)
+    answers = []
+    for row, g in enumerate(stream.generations()):
+        finished = g.finish_reason == "stop"
+        ids = list(g.ids) + ([last_token[row]] if finished else [])
+        answers.append(Answer(list(g.prompt_ids), ids, list(g.logprobs), g.text, finished))
+    return answers
+
+
+def to_experience(answers: list[Answer], pad_id: int, device: torch.device) -> Experience:
+    """Answers -> right-padded tensors; answer token t of row b sits at position len(prompt_b) + t."""
+    B = len(answers)
+    T = max(max(len(a.ids) for a in answers), 1)
+    L = max(len(a.prompt_ids) + len(a.ids) for a in answers)
+    sequences = torch.full((B, L), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    answer_ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    logprobs = torch.zeros(B, T)
+    for b, a in enumerate(answers):
+        p, n = len(a.prompt_ids), len(a.ids)
+        if len(a.logprobs) != n:
+            raise RuntimeError(f"engine returned {len(a.logprobs)} log-probs for {n} tokens")
+        sequences[b, :p + n] = torch.tensor(a.prompt_ids + a.ids)
+        positions[b] = torch.arange(p - 1, p - 1 + T).clamp(max=L - 1)
+        answer_ids[b, :n] = torch.tensor(a.ids, dtype=torch.long)
+        mask[b, :n] = 1
+        logprobs[b, :n] = torch.tensor(a.logprobs, dtype=torch.float)
+    finished = torch.tensor([a.finished for a in answers])
+    return Experience(sequences.to(device), positions.to(device), answer_ids.to(device), mask.to(device),
+                      logprobs.to(device), finished.to(device))
+
+
+# ---------------------------------------------------------------- 2. score
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] -> [B, T, d]: only the positions that predict answer tokens go through the heads."""
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def answer_logits(model: GPT, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits over answer tokens [B, T, V], the hidden states they came from [B, T, d])."""
+    hidden = gather_positions(model.hidden(exp.sequences), exp.positions)
+    return model.lm_head(hidden), hidden
+
+
+def answer_values(models: PPOModels, exp: Experience, policy_hidden: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(models.value, ValueHead):
+        return models.value.score(policy_hidden).squeeze(-1).float()
+    hidden = gather_positions(models.value.hidden(exp.sequences), exp.positions)
+    return models.value.score(hidden).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score(models: PPOModels, exp: Experience, prompts: list[list[int]], cfg: PPOConfig,
+          score_moments: rl_math.RunningMoments, autocast) -> None:
+    """Reference log-probs, values and reward-model scores for the answers in `exp` (filled in place)."""
+    with autocast, models.reference_context() as reference:
+        exp.ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp)[0], exp.answers) * exp.mask
+    with autocast:
+        policy_hidden = None
+        if isinstance(models.value, ValueHead):
+            policy_hidden = gather_positions(models.policy.hidden(exp.sequences), exp.positions)
+        exp.values = answer_values(models, exp, policy_hidden) * exp.mask
+    answers = [row[:int(n)].tolist() for row, n in zip(exp.answers, exp.mask.sum(1))]
+    raw = models.reward(prompts, answers, exp.finished).to(exp.mask.device).float()
+    exp.raw_scores = raw
+    scores = raw - cfg.missing_eos_penalty * (~exp.finished).float()
+    if cfg.score_norm:
+        score_moments.update(scores)
+        scores = (scores - score_moments.mean) / score_moments.std
+    if cfg.score_clip > 0:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    exp.scores = scores
+
+
+# ---------------------------------------------------------------- 3-4. rewards and advantages
+
+@torch.no_grad()
+def compute_advantages(exp: Experience, kl_coef: float, cfg: PPOConfig) -> None:
+    exp.kl = rl_math.kl_per_token(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
+    exp.rewards = rl_math.per_token_rewards(exp.scores, exp.kl, exp.mask, kl_coef)
+    advantages, exp.returns = rl_math.gae(exp.rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
+    exp.advantages = rl_math.whiten(advantages, exp.mask)
+
+
+# ---------------------------------------------------------------- 5. update
+
+def ppo_update(models: PPOModels, exp: Experience, optimizer: torch.optim.Optimizer, scheduler,
+               cfg: PPOConfig, generator: torch.Generator, ptx_batches, autocast) -> dict[str, float]:
+    """`ppo_epochs` passes over the batch in shuffled minibatches; returns the mean of each statistic."""
+    policy_params = [p for p in models.policy.parameters() if p.requires_grad]
+    value_params = [p for p in models.value.parameters() if p.requires_grad]
+    stats: dict[str, list[float]] = {}
+    B = exp.sequences.shape[0]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(exp.sequences.device)
+        for start in range(0, B, cfg.minibatch):
+            mb = exp.rows(order[start:start + cfg.minibatch])
+            with autocast:
+                logits, hidden = answer_logits(models.policy, mb)
+                logprobs = rl_math.token_logprobs(logits, mb.answers)
+                values = answer_values(models, mb, hidden)
+            pg_loss, pg_stats = rl_math.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
+            vf_loss, vf_stats = rl_math.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if ptx_batches is not None:
+                x, y = (t.to(exp.sequences.device) for t in next(ptx_batches))
+                with autocast:
+                    ptx_loss = F.cross_entropy(models.policy(x).float().flatten(0, 1), y.flatten())
+                loss = loss + cfg.ptx_coef * ptx_loss
+                stats.setdefault("ptx_loss", []).append(ptx_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                entropy = masked_mean(rl_math.entropy_from_logits(logits), mb.mask).item()
+            for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy,
+                         **pg_stats, **vf_stats, **({"grad_norm": grad_norm.item()} if grad_norm is not None else {})
+                         }.items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------- observability
+
+class HealthMonitor:
+    """Warnings for the failure modes users of RLHF tools report, from the per-iteration statistics."""
+
+    def __init__(self, kl_target: float) -> None:
+        self.history: list[dict[str, float]] = []
+        self.kl_alarm = max(4 * kl_target, 20.0)
+
+    def check(self, row: dict[str, float], answers: list[str]) -> list[str]:
+        warnings = []
+        if row["kl"] < -0.1:
+            warnings.append(f"negative KL ({row['kl']:.3f}): the rollout and reference log-probs disagree "
+                            "(sampling settings other than temperature 1, or a reference that is not the start)")
+        first = self.history[0] if self.history else row
+        if row["kl"] > self.kl_alarm and row["rm_score"] > first["rm_score"]:
+            warnings.append(f"reward rising while KL explodes (KL {row['kl']:.1f} nats): the policy is likely "
+                            "exploiting the reward model; raise kl_coef or use adaptive KL")
+        if answers:
+            top, count = Counter(answers).most_common(1)[0]
+            if count / len(answers) > 0.5 and len(answers) >= 8:
+                warnings.append(f"answers collapsing: {count}/{len(answers)} are the same string {top[:40]!r}")
+        if self.history and row["answer_len"] > 2 * first["answer_len"] + 4:
+            warnings.append(f"length hacking? mean answer length {row['answer_len']:.1f} tokens, "
+                            f"{first['answer_len']:.1f} at the start")
+        self.history.append(row)
+        return warnings
+
+
+def iteration_row(exp: Experience, kl_coef: float, update_stats: dict[str, float]) -> dict[str, float]:
+    kl_per_answer = exp.kl.sum(1)
+    return {
+        "reward": (exp.scores - kl_coef * kl_per_answer).mean().item(),
+        "rm_score": exp.raw_scores.mean().item(),
+        "kl": kl_per_answer.mean().item(),
+        "kl_coef": kl_coef,
+        "explained_var": rl_math.explained_variance(exp.values, exp.returns, exp.mask),
+        "answer_len": exp.mask.sum(1).mean().item(),
+        "ended": exp.finished.float().mean().item(),
+        **update_stats,
+    }
+
+
+@torch.no_grad()
+def evaluate(models: PPOModels, engine, prompts: list[list[int]], records: list[dict[str, Any]], cfg: PPOConfig,
+             device: torch.device, autocast, labeler=None) -> dict[str, float]:
+    """Proxy reward, KL to the reference, and (when given a labeler) gold score, on held-out prompts."""
+    answers = rollout(engine, prompts, cfg.max_new_tokens, models.tokenizer.stop_ids, seed=cfg.seed + 7)
+    exp = to_experience(answers, models.tokenizer.pad_id, device)
+    with autocast, models.reference_context() as reference:
+        ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp)[0], exp.answers)
+    kl = (rl_math.kl_per_token(exp.logprobs, ref_logprobs, "k1") * exp.mask).sum(1)
+    out = {"eval_rm_score": models.reward(prompts, [a.ids for a in answers], exp.finished).float().mean().item(),
+           "eval_kl": kl.mean().item()}
+    if labeler is not None:
+        gold = [labeler.score(r["messages"], a.text).total for r, a in zip(records, answers)]
+        out["eval_gold_score"] = sum(gold) / len(gold)
+    return out
+
+
+# ---------------------------------------------------------------- the outer loop
+
+class Schedule:
+    """The shared loop's learning-rate schedule (linear warmup, then constant), stepped once per optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> None:
+        self.optimizer, self.train_cfg, self.step_count = optimizer, train_cfg, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(self.step_count, self.train_cfg)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+class PPOProgress(Progress):
+    """The shared progress bar, showing PPO's numbers instead of a loss."""
+
+    def show(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = (f"reward {row['reward']:+.3f} rm {row['rm_score']:+.3f} KL {row['kl']:.2f} β {row['kl_coef']:.3f} "
+                f"ent {row['entropy']:.2f} clip {row['clip_frac']:.2f} len {row['answer_len']:.0f}")
+        if self.tty:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"iteration {row['iteration']}/{self.total}: {text}", file=sys.stderr, flush=True)
+
+
+def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, out: Path):
+    """Endless random windows of the pretraining corpus, for the ptx term."""
+    from chatforge.data.tokens import WindowSampler, tokenize_corpus
+    data = tokenize_corpus(cfg.ptx_corpus, tokenizer, out.parent / ".token-cache", val_fraction=0.0,
+                           progress=cfg.progress)
+    sampler = WindowSampler(data.train, cfg.ptx_context, cfg.ptx_batch, seed=cfg.seed)
+    step = 0
+    while True:
+        yield sampler(step)
+        step += 1
+
+
+def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: Path | None = None,
+              eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None = None, labeler=None,
+              log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """Run `cfg.iterations` PPO iterations in place on `models`; returns the per-iteration statistics."""
+    from chatforge.infer.engine import Engine
+    device = next(models.policy.parameters()).device
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prompt_rng = random.Random(cfg.seed)
+    autocast = bf16_autocast(device) if cfg.dtype == "bf16" else nullcontext()
+    engine = Engine(models.policy, models.tokenizer)
+    kl_ctl = (rl_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else rl_math.FixedKLController(cfg.kl_coef))
+    policy_params = [p for p in models.policy.parameters() if p.requires_grad]
+    value_params = [p for p in models.value.parameters() if p.requires_grad]
+    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
+    train_cfg = TrainConfig(steps=cfg.iterations * steps_per_iteration, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                            min_lr_ratio=1.0, weight_decay=0.0, grad_clip=cfg.grad_clip)
+    optimizer = make_optimizer([{"params": policy_params, "lr": cfg.lr},
+                                {"params": value_params, "lr": cfg.value_lr}], train_cfg, device)
+    scheduler = Schedule(optimizer, train_cfg)
+    score_moments = rl_math.RunningMoments()
+    ptx_batches = ptx_stream(cfg, models.tokenizer, out or Path(".")) if cfg.ptx_coef > 0 else None
+    monitor = HealthMonitor(cfg.kl_target)
+    metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
+    history: list[dict[str, Any]] = []
+    queue: list[int] = []
+
+    def record(row: dict[str, Any]) -> None:
+        history.append(row)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    def maybe_evaluate(done: int) -> None:
+        if eval_set is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
+            record({"iteration": done, **evaluate(models, engine, *eval_set, cfg, device, autocast, labeler)})
+
+    bar = PPOProgress(cfg.iterations, 0, cfg.progress, desc="ppo")
+    try:
+        for iteration in range(cfg.iterations):
+            maybe_evaluate(iteration)
+            t0 = time.perf_counter()
+            while len(queue) < cfg.rollout_batch:  # epochs over the prompt set, reshuffled each time
+                order = list(range(len(prompts)))
+                prompt_rng.shuffle(order)
+                queue += order
+            batch_prompts = [prompts[i] for i in queue[:cfg.rollout_batch]]
+            del queue[:cfg.rollout_batch]
+            # 1. rollout
+            answers = rollout(engine, batch_prompts, cfg.max_new_tokens, models.tokenizer.stop_ids,
+                              seed=cfg.seed * 1_000_003 + iteration)
+            exp = to_experience(answers, models.tokenizer.pad_id, device)
+            # 2. score
+            score(models, exp, batch_prompts, cfg, score_moments, autocast)
+            # 3-4. rewards and advantages
+            kl_coef = kl_ctl.value
+            compute_advantages(exp, kl_coef, cfg)
+            # 5. update
+            models.policy.train()
+            update_stats = ppo_update(models, exp, optimizer, scheduler, cfg, generator, ptx_batches, autocast)
+            models.policy.eval()
+            # 6. β
+            row = iteration_row(exp, kl_coef, update_stats)
+            kl_ctl.update(row["kl"], len(batch_prompts))
+            row = {"iteration": iteration + 1, **row, "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0}
+            texts = [a.text for a in answers]
+            for w in monitor.check(row, texts):
+                log(f"warning: iteration {iteration + 1}: {w}")
+            if cfg.sample_every and (iteration + 1) % cfg.sample_every == 0:
+                best = int(exp.raw_scores.argmax())
+                log(f"[{iteration + 1}] sample (rm {exp.raw_scores[0].item():+.2f}): {texts[0][:200]!r}\n"
+                    f"[{iteration + 1}] best   (rm {exp.raw_scores[best].item():+.2f}): {texts[best][:200]!r}")
+                row["sample"] = texts[0][:500]
+            record(row)
+            bar.show(row)
+        maybe_evaluate(cfg.iterations)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return history
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
+    """`chatforge ppo`: load and check everything, train, and write the policy checkpoint (kind "policy")."""
+    cfg.validate()
+    checked = check_inputs(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    with RunLock(out):
+        models, _ = load_models(cfg, device)
+        prompts, eval_set = checked.prompts, checked.eval_set
+        labeler = None
+        if cfg.gold and eval_set is not None:
+            from chatforge.data.world.labeler import GoldLabeler
+            labeler = GoldLabeler()
+        trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
+        print(f"ppo: policy {cfg.policy} ({models.policy.num_params() / 1e6:.1f}M params, {trainable / 1e6:.2f}M "
+              f"trained{', LoRA' if cfg.lora else ''}), reward model {cfg.reward_model}, value from {cfg.value_init}, "
+              f"{len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} answers "
+              f"<= {cfg.max_new_tokens} tokens, {cfg.ppo_epochs} epochs of minibatch {cfg.minibatch}"
+              f"{f', ptx_coef {cfg.ptx_coef}' if cfg.ptx_coef else ''}")
+        run_dir = out.with_name(out.name + ".run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        start = time.time()
+        history = train_ppo(models, prompts, cfg, run_dir, eval_set, labeler)
+        policy = models.policy
+        if cfg.lora:
+            from chatforge.model.adapters import merge_lora
+            policy = merge_lora(policy)
+        last = [row for row in history if "reward" in row][-1]
+        summary = {k: last[k] for k in ("reward", "rm_score", "kl", "kl_coef", "entropy", "answer_len") if k in last}
+        meta = {"kind": "policy", "stage": "ppo", "parent": str(resolve(cfg.policy)),
+                "parent_hash": weights_hash(resolve(cfg.policy)), "config": asdict(cfg),
+                "metrics": {**summary, "iterations": len(history), "seconds": round(time.time() - start, 1)}}
+        path = save_model_checkpoint(out, policy, models.tokenizer, meta, metrics_from=run_dir / "metrics.jsonl")
+    print(f"ppo: wrote {path} (rm score {last['rm_score']:+.3f}, KL {last['kl']:.2f} nats, "
+          f"β {last['kl_coef']:.3f}); metrics in {path / 'metrics.jsonl'}")
+    return path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ppo", help="RLHF step 3: PPO against a reward model with a KL penalty (and PPO-ptx)")
+    add_config_args(p, PPOConfig)
+    p.set_defaults(func=lambda args: run_ppo(config_from_args(PPOConfig, args, section="ppo")))

@@ -1,0 +1,174 @@
+"""PPO on the toy colour world (tests/rl_toy.py): the engine's log-probs, the KL, a short run that learns the
+toy reward, LoRA-PPO leaving the base untouched, and bad input refused before any compute."""
+import copy
+import json
+
+import pytest
+import torch
+
+from chatforge import ChatforgeError
+from chatforge.checkpoint import load_model, read_meta, save_model_checkpoint
+from chatforge.model.heads import ScalarModel
+from chatforge.model.transformer import GPT
+from chatforge.train import ppo
+from chatforge.train.ppo import (PPOConfig, PPOModels, ValueHead, answer_logits, compute_advantages, rollout,
+                                 run_ppo, score, to_experience, train_ppo)
+from chatforge.train.rl_math import RunningMoments, token_logprobs
+from rl_toy import QUESTIONS, says_target
+
+KL_BOUND = 3.0  # nats: always answering "blue" is ln 10 ≈ 2.3 from the uniform SFT model; degenerate text is far more
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_models(rl_toy, lora: bool = False) -> PPOModels:
+    policy, tok, _ = load_model(rl_toy.sft)
+    reference = None
+    if lora:
+        from chatforge.model.adapters import LoRAConfig, attach_lora
+        attach_lora(policy, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+    else:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    return PPOModels(policy.eval(), reference, ValueHead(policy.config.hidden_size),
+                     lambda prompts, answers, finished: says_target(tok, answers), tok)
+
+
+def sample(models: PPOModels, n_per_question: int, seed: int):
+    from chatforge.infer.engine import Engine
+    prompts = [p for p in [models.tokenizer.prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+               for _ in range(n_per_question)]
+    gens = rollout(Engine(models.policy, models.tokenizer), prompts, 8, models.tokenizer.stop_ids, seed)
+    exp = to_experience(gens, models.tokenizer.pad_id, torch.device("cpu"))
+    return prompts, exp
+
+
+def toy_cfg(**kw) -> PPOConfig:
+    base = dict(iterations=20, rollout_batch=32, minibatch=16, ppo_epochs=2, max_new_tokens=8, lr=4e-4,
+                value_lr=1e-3, kl_coef=0.05, warmup_steps=0, sample_every=0, progress=False)
+    return PPOConfig(**{**base, **kw})
+
+
+def test_engine_logprobs_equal_full_forward(rl_toy):
+    models = toy_models(rl_toy)
+    _, exp = sample(models, 3, seed=1)  # prompts of different lengths in one batch
+    assert len({len(q) for q in QUESTIONS}) > 1
+    with torch.no_grad():
+        full = token_logprobs(answer_logits(models.policy, exp)[0], exp.answers)
+    mask = exp.mask.bool()
+    torch.testing.assert_close(exp.logprobs[mask], full[mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_is_zero_when_policy_equals_reference(rl_toy, lora):
+    models = toy_models(rl_toy, lora=lora)  # LoRA starts with B = 0: the adapted policy is its base
+    prompts, exp = sample(models, 3, seed=2)
+    cfg = toy_cfg(kl_estimator="k1")
+    score(models, exp, prompts, cfg, RunningMoments(), torch.autocast("cpu", enabled=False))
+    compute_advantages(exp, cfg.kl_coef, cfg)
+    assert exp.mask.sum() > 0
+    assert exp.kl.abs().max().item() < 1e-4
+    assert exp.rewards.sum(1).sub(exp.scores).abs().max().item() < 1e-4  # no KL penalty left in the rewards
+
+
+def test_ppo_learns_toy_reward_with_bounded_kl(rl_toy):
+    torch.manual_seed(0)
+    models = toy_models(rl_toy)
+    before = sample(models, 10, seed=3)[1]
+    start_rate = says_target(models.tokenizer, [r[:int(n)].tolist() for r, n in zip(before.answers, before.mask.sum(1))])
+    assert start_rate.mean() < 0.2
+    history = train_ppo(models, rl_toy.prompt_ids() * 6, toy_cfg())
+    prompts, after = sample(models, 10, seed=4)
+    rate = says_target(models.tokenizer, [r[:int(n)].tolist() for r, n in zip(after.answers, after.mask.sum(1))])
+    assert rate.mean() > 0.8, [h["rm_score"] for h in history]
+    cfg = toy_cfg()
+    score(models, after, prompts, cfg, RunningMoments(), torch.autocast("cpu", enabled=False))
+    compute_advantages(after, cfg.kl_coef, cfg)
+    kl = after.kl.sum(1).mean().item()
+    assert 0 < kl < KL_BOUND
+    for key in ("reward", "rm_score", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
+                "explained_var", "answer_len"):
+        assert key in history[-1]
+
+
+def test_lora_ppo_keeps_base_weights_bit_identical(rl_toy):
+    models = toy_models(rl_toy, lora=True)
+    sft, _, _ = load_model(rl_toy.sft)
+    train_ppo(models, rl_toy.prompt_ids(), toy_cfg(iterations=2, rollout_batch=12, minibatch=6, lr=1e-3))
+    state = models.policy.state_dict()
+    for name, tensor in sft.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    lora_b = [t for n, t in state.items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # the adapters did train
+
+
+def test_run_ppo_writes_a_policy_checkpoint(rl_toy, tmp_path):
+    out = tmp_path / "ppo"
+    cfg = PPOConfig(policy=str(rl_toy.sft), reward_model=str(rl_toy.reward), prompts=str(rl_toy.prompts),
+                    out=str(out), iterations=2, rollout_batch=6, minibatch=3, max_new_tokens=6,
+                    eval_prompts=str(rl_toy.prompts), eval_every=1, sample_every=1, progress=False, device="cpu")
+    path = run_ppo(cfg)
+    meta = read_meta(path)
+    assert meta["kind"] == "policy" and meta["stage"] == "ppo" and meta["parent"] == str(rl_toy.sft.resolve())
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "reward" in r] == [1, 2]
+    assert [r["iteration"] for r in rows if "eval_kl" in r] == [0, 1, 2]
+    model, _, _ = load_model(path, expect_kind=("policy",))
+    assert isinstance(model, GPT)
+
+
+# ---------------------------------------------------------------- bad input, refused before any compute
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("models were loaded before the input was checked")
+    monkeypatch.setattr(ppo, "load_models", refuse)
+
+
+def bad_cfg(rl_toy, tmp_path, **kw) -> PPOConfig:
+    base = dict(policy=str(rl_toy.sft), reward_model=str(rl_toy.reward), prompts=str(rl_toy.prompts),
+                out=str(tmp_path / "out"), progress=False, device="cpu", max_new_tokens=8)
+    return PPOConfig(**{**base, **kw})
+
+
+def test_reward_model_with_another_tokenizer_is_refused(rl_toy, tmp_path, no_compute):
+    from chatforge.tokenizer import train_tokenizer
+    other_tok = train_tokenizer(["completely different text for another tokenizer"] * 20, 300)
+    sft, _, _ = load_model(rl_toy.sft)
+    rm = save_model_checkpoint(tmp_path / "rm", ScalarModel.from_lm(sft), other_tok, {"kind": "reward", "stage": "reward"})
+    with pytest.raises(ChatforgeError, match="tokenizer differs"):
+        run_ppo(bad_cfg(rl_toy, tmp_path, reward_model=str(rm)))
+
+
+def test_prompt_longer_than_context_is_refused(rl_toy, tmp_path, no_compute):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Name a color."}) + "\n" + json.dumps({"prompt": "color " * 80}) + "\n")
+    with pytest.raises(ChatforgeError, match=r"long.jsonl:2: the prompt is \d+ tokens"):
+        run_ppo(bad_cfg(rl_toy, tmp_path, prompts=str(prompts)))
+
+
+def test_empty_prompt_file_is_refused(rl_toy, tmp_path, no_compute):
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text("\n")
+    with pytest.raises(ChatforgeError, match="empty.jsonl: no prompts"):
+        run_ppo(bad_cfg(rl_toy, tmp_path, prompts=str(prompts)))
+
+
+def test_reference_that_is_not_the_policys_parent_is_refused(rl_toy, tmp_path, no_compute):
+    sft, tok, _ = load_model(rl_toy.sft)
+    torch.manual_seed(1)
+    stranger = save_model_checkpoint(tmp_path / "stranger", GPT(sft.config), tok, {"kind": "sft", "stage": "sft"})
+    with pytest.raises(ChatforgeError, match="is not the policy's parent"):
+        run_ppo(bad_cfg(rl_toy, tmp_path, reference=str(stranger)))
+
+
+def test_reward_model_given_as_policy_is_refused(rl_toy, tmp_path, no_compute):
+    with pytest.raises(ChatforgeError, match="expected a policy"):
+        run_ppo(bad_cfg(rl_toy, tmp_path, policy=str(rl_toy.reward)))
