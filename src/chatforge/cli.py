@@ -25,7 +25,8 @@ COMMANDS: dict[str, str] = {
     "import": "chatforge.hub",
     "export": "chatforge.hub",
     "run": "chatforge.pipeline",
-    "feedback": "chatforge.serve.feedback_cli",
+    "label": "chatforge.feedback.cli",
+    "feedback": "chatforge.feedback.cli",
 }
 
 
