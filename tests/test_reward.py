@@ -11,8 +11,9 @@ from chatforge.data.chat import read_conversations
 from chatforge.data.preferences import Comparison, read_comparisons
 from chatforge.eval.reward_eval import evaluate_reward_model, health_warnings
 from chatforge.model.heads import ScalarModel
-from chatforge.train.reward import (RewardConfig, ScoreConfig, collate_rankings, encode_answer, encode_comparison,
-                                    reward_loss, score_answers, score_file, score_sequences, train_reward)
+from chatforge.train.reward import (CollectConfig, RewardConfig, ScoreConfig, collate_rankings, collect, encode_answer,
+                                    encode_comparison, reward_loss, score_answers, score_file, score_sequences,
+                                    train_reward)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,8 @@ def test_reward_and_policy_checkpoints_refused_by_name(toy_reward_model, reward_
     answers.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     with pytest.raises(ChatforgeError, match="is a base checkpoint, expected reward"):
         score_file(ScoreConfig(reward_model=str(reward_toy.base), input=str(answers), output=str(tmp_path / "o")))
+    with pytest.raises(ChatforgeError, match="is a reward checkpoint, expected base or sft or policy"):
+        collect(CollectConfig(policy=str(toy_reward_model), prompts=str(answers), out=str(tmp_path / "r.jsonl")))
 
 
 def test_health_warnings_on_a_collapsed_model(toy_model, reward_toy):
@@ -130,3 +133,29 @@ def test_length_preference_warning():
     assert health_warnings({**report, "length_correlation": 0.2}) == []
     # when gold itself prefers longer answers, so may the reward model
     assert health_warnings({**report, "gold_length_correlation": 0.75}) == []
+
+
+def test_collect_samples_distinct_answers_for_human_labelers(rl_toy, tmp_path):
+    # the toy SFT model answers one of ten colours: nine distinct answers need re-sampling of duplicates
+    out = collect(CollectConfig(policy=str(rl_toy.sft), prompts=str(rl_toy.prompts), out=str(tmp_path / "u.jsonl"),
+                                unranked=True, min_answers=8, max_answers=9, max_new_tokens=8, seed=3))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        assert 2 <= len(r["answers"]) <= 9 and len(set(r["answers"])) == len(r["answers"])
+        assert "messages" in r and "responses" not in r
+    with pytest.raises(ChatforgeError, match="unranked answers"):
+        read_comparisons(out)  # a labeler has to rank them first
+
+
+def test_collect_ranks_world_answers_with_the_gold_labeler(sft_ckpt, small_world, tmp_path):
+    out = collect(CollectConfig(policy=str(sft_ckpt), world=str(small_world), out=str(tmp_path / "r.jsonl"),
+                                limit=12, max_new_tokens=48, disagreement=0.0))
+    comparisons = read_comparisons(out)  # what collect writes, train reads
+    assert comparisons and all(4 <= len(c.answers) <= 9 and len(c.tiers) >= 2 for c in comparisons)
+    from chatforge.data.world.labeler import GoldLabeler
+    gold = GoldLabeler()
+    for c in comparisons:  # with disagreement 0 the tiers are in gold-score order, ties grouped
+        levels = [{gold.score(c.messages, a).total for a in tier} for tier in c.tiers]
+        assert all(len(level) == 1 for level in levels)
+        assert [next(iter(level)) for level in levels] == sorted((next(iter(lv)) for lv in levels), reverse=True)
