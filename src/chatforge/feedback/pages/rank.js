@@ -78,10 +78,11 @@ async function submit() {
     if (editing) await api("PUT", "/submissions/" + editing.id, { ranking, unsafe });
     else await api("POST", "/submissions", { task_id: task.id, ranking, unsafe });
   } catch (e) { status(e.message, true); return; }
+  const saved = task.id;
   clearDraft(me, "rank:" + task.id);
-  status(`Saved your ranking of task ${task.id}.`);
   if (editing) { location.href = "/label/"; return; }
   await load();
+  status(`Saved your ranking of task ${saved}.`);
 }
 
 document.getElementById("submit").addEventListener("click", submit);

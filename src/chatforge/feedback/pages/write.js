@@ -24,7 +24,8 @@ function render() {
   });
   document.getElementById("task").replaceChildren(
     el("h2", {}, state.mode === "free" ? "Your own prompt" : state.taskId ? `Task ${state.taskId}` : "Your demonstration"),
-    conversationView(state.fixed), el("ol", { class: "conversation" }, ...editable));
+    state.note ? el("p", { class: "hint" }, state.note) : null, conversationView(state.fixed),
+    el("ol", { class: "conversation" }, ...editable));
   document.getElementById("suggestions").replaceChildren(...state.suggestions.map((text, i) =>
     el("li", { class: "suggestion" }, el("div", { class: "text" }, text),
       el("button", { type: "button", id: `use-${i}`, onclick: () => useSuggestion(text) }, "Use this"))));
@@ -66,7 +67,7 @@ async function load() {
     const next = await api("GET", "/tasks/next?kind=demonstration");
     showProgress(next.progress);
     state = next.task ? (loadDraft(me, "write:task:" + next.task.id) || fresh("task", next.task)) : fresh("free");
-    if (!next.task) status("No demonstration tasks left: write your own prompt, or go home.");
+    if (!next.task) state.note = "No demonstration tasks left: write a prompt of your own, or go home.";
   }
   render();
   const first = document.querySelector(".editable textarea");
@@ -97,9 +98,9 @@ async function submit() {
   } catch (e) { status(e.message, true); return; }
   clearDraft(me, draftName());
   if (state.mode === "edit") { location.href = "/label/"; return; }
-  status(`Saved your demonstration (${messages.length} turns).`);
   if (state.mode === "free") history.replaceState(null, "", "write.html");
   await load();
+  status(`Saved your demonstration (${messages.length} turns).`);
 }
 
 document.getElementById("add-turn").addEventListener("click", () => {
