@@ -73,7 +73,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check:
-        check()
+        try:
+            check()
+        except ChatforgeError as e:  # name where the bad value came from
+            raise ChatforgeError(f"{where}: {e}") from None
     return obj
 
 

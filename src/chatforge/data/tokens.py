@@ -244,9 +244,8 @@ class WindowSampler:
         return self.split.windows(starts[first:first + self.rows], self.context)
 
 
-def eval_batches(split: TokenSplit, context: int, batch_size: int, num_batches: int
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Evenly spaced windows over a split, the same at every evaluation, in batches of `batch_size`.
+def eval_batches(split: TokenSplit, context: int, rows: int, windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`windows` evenly spaced windows over a split, the same at every evaluation, in batches of `rows`.
 
     A split shorter than `context` + 1 tokens is read as one shorter window.
     """
@@ -254,5 +253,5 @@ def eval_batches(split: TokenSplit, context: int, batch_size: int, num_batches: 
     n = split.num_windows(context)
     if n <= 0:
         return []
-    starts = np.unique(np.linspace(0, n - 1, num=min(batch_size * num_batches, n)).astype(np.int64))
-    return [split.windows(starts[i:i + batch_size], context) for i in range(0, len(starts), batch_size)]
+    starts = np.unique(np.linspace(0, n - 1, num=min(windows, n)).astype(np.int64))
+    return [split.windows(starts[i:i + rows], context) for i in range(0, len(starts), rows)]

@@ -270,11 +270,11 @@ class _Run:
         if state.get("version") != STATE_VERSION:
             raise ChatforgeError(f"{where}: resume state version {state.get('version')!r}, this chatforge "
                                  f"resumes version {STATE_VERSION}")
-        before, now = state["fingerprint"], self.fingerprint
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                raise ChatforgeError(f"cannot resume {self.out}: {key} changed ({_short(before.get(key))} -> "
-                                     f"{_short(now.get(key))}); restore it or start a new run in another directory")
+        change = _first_change(state["fingerprint"], self.fingerprint)
+        if change:
+            key, old, new = change
+            raise ChatforgeError(f"cannot resume {self.out}: {key} changed ({_short(old)} -> {_short(new)}); "
+                                 f"restore it or start a new run in another directory")
 
     def _trim_metrics(self, step: int) -> None:
         """metrics.jsonl keeps exactly the steps the checkpoint has done (a killed run may have logged more)."""
@@ -429,7 +429,7 @@ class _Run:
         state = {"version": STATE_VERSION, "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                  "fingerprint": self.fingerprint, "rng": rngs, "best": self.best, "last_eval": self.last_eval,
                  "optimizer": self.optimizer.state_dict(),
-                 "trainable": {n: p.detach().cpu() for n, p in self.trainable.items()}}
+                 "trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.trainable.items()}}
         if self.cfg.keep == "best" and self.best_weights is not None:
             state["best_trainable"] = self.best_weights
         metrics = self._metrics_summary()
@@ -507,6 +507,19 @@ class _weights_swapped:
             for n, p in self.params.items():
                 if n in self.saved:
                     p.copy_(self.saved[n])
+
+
+def _first_change(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first differing entry, in the order of `now` (so a stage lists causes before their effects)."""
+    for key in [*now, *(k for k in before if k not in now)]:
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = _first_change(old, new, f"{prefix}{key}.")
+            if inner:
+                return inner
+        elif old != new:
+            return f"{prefix}{key}", old, new
+    return None
 
 
 def _short(value: Any) -> str:

@@ -88,13 +88,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> dict
     model = GPT(model_cfg)
     batches = WindowSampler(data.train, cfg.context, cfg.batch_size, cfg.grad_accum, cfg.seed,
                             dist.rank, dist.world_size)
-    held_out = eval_batches(data.val, cfg.context, batches.rows, cfg.eval_batches) if data.val else []
+    # eval_batches x batch_size held-out windows, the same however the run is split, read `rows` at a time
+    held_out = (eval_batches(data.val, cfg.context, batches.rows, cfg.eval_batches * cfg.batch_size)
+                if data.val else [])
     _say_plan(dist, cfg, model_cfg, data)
 
     meta = {"kind": "base", "stage": "pretrain", "parent": None, "parent_hash": None,
             "config": {**to_dict(cfg), "data_key": data.index["key"]}}
-    fingerprint = resume_fingerprint(cfg, drop=("data", "cache", "vocab_size"), model=model_cfg.to_hf(),
-                                     tokenizer=tokenizer_hash(tokenizer), corpus=corpus_hash(cfg.data))
+    fingerprint = resume_fingerprint(cfg, drop=("data", "cache", "vocab_size"), tokenizer=tokenizer_hash(tokenizer),
+                                     corpus=corpus_hash(cfg.data), model=model_cfg.to_hf())
     summary = train(model, model.parameters(), next_token_loss, batches, out, cfg,
                     save_fn=checkpoint_saver(tokenizer, meta),
                     eval_fn=validation_loss(held_out) if held_out else None,
