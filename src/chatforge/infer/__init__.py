@@ -1,0 +1,1 @@
+"""Generation: the batched KV-cache engine and the `chatforge generate` command."""
