@@ -473,7 +473,7 @@ class _Run:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         batch = to_device(self.batches(self.step, 0), self.device)
         timings = []
-        for _ in range(2):  # the first pass pays one-off costs (allocation, kernel selection, compilation)
+        for _ in range(3 if self.cfg.compile else 2):  # the first passes pay one-off costs (allocation, compiling)
             t0 = time.perf_counter()
             with (self.wrapped.no_sync() if self.dist.active else nullcontext()), self._autocast():
                 loss, _ = self.loss_fn(self.wrapped, batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> dict
                     resume=resume, fingerprint=fingerprint,
                     flops_per_token=model_cfg.flops_per_token(cfg.context), desc="pretrain")
     if dist.is_main:
-        _say_result(summary)
+        _say_result(summary, cfg, out)
     return summary
 
 
@@ -141,14 +142,26 @@ def _say_plan(dist: Dist, cfg: PretrainConfig, model_cfg: ModelConfig, data: Tok
           file=sys.stderr, flush=True)
 
 
-def _say_result(summary: dict[str, Any]) -> None:
+def command_line(cfg: PretrainConfig, out: Path) -> str:
+    """The `chatforge pretrain` command that reproduces this run: its output and every non-default setting."""
+    defaults = to_dict(PretrainConfig())
+    words = ["chatforge pretrain --data", *map(shlex.quote, cfg.data), "--out", shlex.quote(str(out))]
+    for key, value in to_dict(cfg).items():
+        if key != "data" and value != defaults[key]:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            words += [f"--{key.replace('_', '-')}", shlex.quote(text)]
+    return " ".join(words)
+
+
+def _say_result(summary: dict[str, Any], cfg: PretrainConfig, out: Path) -> None:
     parts = [f"train loss {summary['train_loss']:.4f}"] if "train_loss" in summary else []
     if "val_loss" in summary:
         parts.append(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})")
     if summary.get("tokens_per_s"):
         parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
     print(f"wrote {summary['checkpoint']} (step {summary['step']}): {', '.join(parts)}")
-    print(f"try it: chatforge generate {summary['checkpoint']} --prompt \"Once upon a time\"")
+    print(f"reproduce: {command_line(cfg, out)}")
+    print(f"try it: chatforge generate {shlex.quote(summary['checkpoint'])} --prompt \"Once upon a time\"")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
