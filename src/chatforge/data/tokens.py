@@ -204,16 +204,15 @@ def _move_tail_to_val(root: Path, writers: dict[str, _ShardWriter], val_fraction
     """Too few documents for the hash split to pick any: hold out the end of the last train shard instead."""
     train, val = writers["train"], writers["val"]
     last = root / train.files[-1]
-    tokens = np.fromfile(last, dtype=train.dtype)
-    n_val = max(int(train.tokens * val_fraction), 1)
-    n_val = min(n_val, len(tokens) - 1)
+    length = last.stat().st_size // train.dtype.itemsize
+    n_val = min(max(int(train.tokens * val_fraction), 1), length - 1)
     if n_val <= 0:
         return
+    val.write(np.array(np.memmap(last, dtype=train.dtype, mode="r")[length - n_val:]))
+    val.close()
     train.tokens -= n_val
     with open(last, "r+b") as fh:
-        fh.truncate((len(tokens) - n_val) * train.dtype.itemsize)
-    val.write(tokens[len(tokens) - n_val:])
-    val.close()
+        fh.truncate((length - n_val) * train.dtype.itemsize)
 
 
 class WindowSampler:
