@@ -12,6 +12,15 @@ from chatforge.train.dpo import (DPOConfig, collate_pairs, dpo_loss, encode_pair
 from rl_toy import COLOURS, QUESTIONS, TARGET
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_rankings(path):
     """InstructGPT-style rankings: blue first, the other nine tied below it (9 pairs per prompt)."""
     others = [c for c in COLOURS if c != TARGET]

@@ -121,6 +121,10 @@ def test_run_ppo_writes_a_policy_checkpoint(rl_toy, tmp_path):
     assert [r["iteration"] for r in rows if "eval_kl" in r] == [0, 1, 2]
     model, _, _ = load_model(path, expect_kind=("policy",))
     assert isinstance(model, GPT)
+    from chatforge.eval.rlhf_plots import plot_runs
+    pngs = plot_runs([path / "metrics.jsonl"], tmp_path / "plots")
+    assert [p.name for p in pngs] == ["ppo_training.png", "overoptimisation.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
 # ---------------------------------------------------------------- bad input, refused before any compute

@@ -28,6 +28,7 @@ from chatforge import ChatforgeError
 from chatforge.checkpoint import load_model, read_meta, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
 from chatforge.data.preferences import PreferencePair, read_comparisons, to_pairs
+from chatforge.model.adapters import weights_hash
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, resume_fingerprint, train
 from chatforge.train.rl_math import token_logprobs
@@ -238,7 +239,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
         attach_lora(policy, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0))
     params = [p for p in policy.parameters() if p.requires_grad]
     parent = resolve(cfg.policy)
-    from chatforge.train.ppo import weights_hash
     out_meta = {"kind": "policy", "stage": "dpo", "parent": str(parent), "parent_hash": weights_hash(parent),
                 "config": asdict(cfg), "pairs": {"train": len(train_pairs), "val": len(val_pairs), "skipped": skipped}}
     batches = PairBatches(train_pairs, ref[train_idx], cfg.batch_size, cfg.grad_accum, tokenizer.pad_id, cfg.seed)

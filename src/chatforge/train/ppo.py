@@ -37,10 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge import ChatforgeError
-from chatforge.checkpoint import RunLock, file_hash, load_model, read_meta, resolve, save_model_checkpoint
+from chatforge.checkpoint import RunLock, load_model, read_meta, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
 from chatforge.device import autocast as bf16_autocast
 from chatforge.device import pick_device
+from chatforge.model.adapters import weights_hash
 from chatforge.model.heads import ScalarModel
 from chatforge.model.transformer import GPT
 from chatforge.tokenizer import Tokenizer
@@ -157,11 +158,14 @@ class PPOModels:
 
 
 class RewardModelScorer:
-    """The reward model as a RewardFn: its scalar at the answer's last token, normalised as its meta says."""
+    """The reward model as a RewardFn: its scalar at the answer's last token (the end-of-turn token when the
+    answer ended), divided by the spread its meta records (`reward_scale`, the std over the SFT demonstrations,
+    whose mean the saved bias already makes 0): one unit of reward is then one demonstration-std whatever the
+    run, so a kl_coef means the same thing across reward models."""
 
     def __init__(self, model: ScalarModel, pad_id: int, meta: dict[str, Any], batch_size: int = 32) -> None:
         self.model, self.pad_id, self.batch_size = model.eval().requires_grad_(False), pad_id, batch_size
-        self.scale = float((meta.get("metrics") or {}).get("reward_scale") or meta.get("reward_scale") or 1.0)
+        self.scale = float(meta.get("reward_scale") or 1.0)
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], answers: list[list[int]], finished: torch.Tensor) -> torch.Tensor:
@@ -186,11 +190,6 @@ def read_prompts(path: str | Path, tokenizer: Tokenizer, context: int, max_new_t
     if not ids:
         raise ChatforgeError(f"{path}: no prompts in the file")
     return ids, records
-
-
-def weights_hash(checkpoint: Path) -> str:
-    weights = checkpoint / "model.safetensors"
-    return file_hash(weights if weights.is_file() else checkpoint / "adapter.safetensors")
 
 
 @dataclass
