@@ -95,11 +95,10 @@ class Tokenizer:
     # --- imported models bring their own Jinja template (see hub.py) ---
     def _template_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if self._jinja is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._jinja = env.from_string(self.chat_template)
+            self._jinja = _jinja_environment().from_string(self.chat_template)
+        eos = self.tok.id_to_token(self.stop_ids[0]) if self.stop_ids else ""
         return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                  bos_token=self.bos_token or "", eos_token="")
+                                  bos_token=self.bos_token or "", eos_token=eos)
 
     def _render_jinja(self, messages: list[Message], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         # Render growing prefixes; the text each assistant turn adds is its span. Specials are parsed here.
@@ -109,21 +108,27 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 head = self._template_text(messages[:i], add_generation_prompt=True)
-                piece_ids = self._encode_with_specials(head[len(done):])
+                piece_ids = self._encode_with_specials(self._extend(done, head))
                 ids += piece_ids
                 mask += [0] * len(piece_ids)
                 done = head
             text = self._template_text(messages[:i + 1], add_generation_prompt=False)
-            piece_ids = self._encode_with_specials(text[len(done):])
+            piece_ids = self._encode_with_specials(self._extend(done, text))
             ids += piece_ids
             mask += [1 if m["role"] == "assistant" else 0] * len(piece_ids)
             done = text
         if add_generation_prompt:
             text = self._template_text(messages, add_generation_prompt=True)
-            piece_ids = self._encode_with_specials(text[len(done):])
+            piece_ids = self._encode_with_specials(self._extend(done, text))
             ids += piece_ids
             mask += [0] * len(piece_ids)
         return ids, mask
+
+    def _extend(self, done: str, text: str) -> str:
+        if not text.startswith(done):  # e.g. a template that rewrites earlier turns once a later one exists
+            raise ChatforgeError("chat template: rendering one more message changed the text before it, "
+                                 "so turns cannot be masked separately")
+        return text[len(done):]
 
     def _encode_with_specials(self, text: str) -> list[int]:
         self.tok.encode_special_tokens = False
@@ -161,6 +166,23 @@ class Tokenizer:
         stops = tuple(cfg.get("chatforge_stop_tokens") or ([_token_text(cfg.get("eos_token"))] if cfg.get("eos_token") else [END]))
         return cls(tok, template, bos_token=_token_text(cfg.get("bos_token")) if "bos_token" in cfg else BOS,
                    eos_tokens=stops, pad_token=_token_text(cfg.get("pad_token")) if "pad_token" in cfg else PAD)
+
+
+def _jinja_environment():
+    """The environment transformers renders chat templates in: the same globals, so imported templates work."""
+    import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ChatforgeError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env
 
 
 def _token_text(value: object) -> str | None:
