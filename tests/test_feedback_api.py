@@ -134,6 +134,9 @@ def test_rank_write_chat_and_export_exactly_those_records(world, tmp_path):
     assert free.status_code == 201
     assert client.post("/label/api/submissions", json={"messages": own, "client_key": "draft-1"},
                        headers=alice).json()["id"] == free.json()["id"]
+    edited = [own[0], {"role": "assistant", "content": "Hello!"}]
+    assert client.post("/label/api/submissions", json={"messages": edited, "client_key": "draft-1"},
+                       headers=alice).status_code == 409
 
     chat = [{"role": "user", "content": "Tell me a fact."}]
     compare = {"messages": chat, "answers": ["Cats meow.", "Dogs bark."], "preferred": 1, "client_key": "c1"}

@@ -243,6 +243,9 @@ def feedback_router(store: FeedbackStore, sampler: Sampler | None = None) -> API
             payload = check_demonstration(None, body.messages)
             prompt = payload["messages"][:-1]
             sub, created = store.submit_private(labeler.id, "demonstration", prompt, [], payload, body.client_key)
+            if not created and sub.payload != payload:
+                raise HTTPException(409, f"draft {body.client_key!r} is already submitted (submission {sub.id}); "
+                                         f"change it with PUT /label/api/submissions/{sub.id}")
         else:
             task = visible_task(body.task_id, labeler)
             if task.kind == "ranking":

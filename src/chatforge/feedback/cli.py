@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from chatforge import ChatforgeError
+from chatforge.feedback.rounds import register_round
 from chatforge.feedback.store import FeedbackStore
 
 
@@ -167,10 +168,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=simulate_command)
 
-    try:
-        from chatforge.feedback.rounds import register_round
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("chatforge"):
-            raise
-    else:
-        register_round(fsub)
+    register_round(fsub)

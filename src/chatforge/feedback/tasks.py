@@ -39,8 +39,12 @@ class EngineSampler:
             return [g.text.strip() for g in self.engine.generate([prompt], params, num_samples=n)]
 
 
-def read_prompt_file(path: str | Path, limit: int = 0) -> list[list[Message]]:
+def read_prompt_file(path: str | Path, limit: int = 0, offset: int = 0) -> list[list[Message]]:
+    """The prompts of a JSONL file; with `offset`, starting there and wrapping around (rounds take turns)."""
     conversations = [parse_prompt(record, where) for where, record in iter_jsonl(path)]
+    if conversations and offset:
+        offset %= len(conversations)
+        conversations = conversations[offset:] + conversations[:offset]
     conversations = conversations[:limit] if limit else conversations
     if not conversations:
         raise ChatforgeError(f"{path}: no prompts in the file")
@@ -88,8 +92,8 @@ def sample_tasks(policy: str | Path, conversations: list[list[Message]], kind: s
 
 def add_tasks(store: FeedbackStore, kind: str, prompts: str = "", answers: str = "", policy: str = "",
               min_answers: int = 4, max_answers: int = 9, limit: int = 0, labels_per_task: int = 1,
-              max_new_tokens: int = 96, temperature: float = 1.0, seed: int = 0, device: str | None = None
-              ) -> tuple[int, int]:
+              max_new_tokens: int = 96, temperature: float = 1.0, seed: int = 0, device: str | None = None,
+              offset: int = 0) -> tuple[int, int]:
     """Queue tasks from a prompt file (answers sampled from `policy`) or a file of answer sets; returns
     (added, already queued)."""
     if labels_per_task < 1:
@@ -99,7 +103,7 @@ def add_tasks(store: FeedbackStore, kind: str, prompts: str = "", answers: str =
             raise ChatforgeError("--answers gives answers to rank: use it with --kind ranking")
         items, source, origin = read_answer_sets(answers, limit), str(answers), ""
     elif prompts:
-        conversations = read_prompt_file(prompts, limit)
+        conversations = read_prompt_file(prompts, limit, offset)
         if kind == "demonstration" and not policy:
             items = [(m, []) for m in conversations]
         elif not policy:
