@@ -53,7 +53,13 @@ def server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(label_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    calls = []
+
+    def sampler(messages, n):  # a stand-in model: a different answer on every call
+        calls.append(1)
+        return [f"Answer number {len(calls)}." for _ in range(n)]
+
+    uv = uvicorn.Server(uvicorn.Config(label_app(store, sampler), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
@@ -143,3 +149,36 @@ def test_sign_in_rank_with_a_tie_write_two_turns_and_export(browser, server, tmp
     assert record["responses"][2] == SCRIPT
     assert [sorted(t) for t in read_comparisons(comparisons)[0].tiers] == [[BEST], sorted([TIED_A, TIED_B]), [SCRIPT]]
     assert len(read_conversations(sft)[0].messages) == 4
+
+
+def test_chat_thumbs_and_regenerate_and_compare_become_comparisons(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    url, store, token = server
+    d = browser
+    d.get(url + "/label/")
+    wait(d, lambda d: d.find_element(By.ID, "token-input")).send_keys(token, Keys.ENTER)
+    wait(d, lambda d: d.find_element(By.ID, "home").is_displayed())
+    d.get(url + "/label/chat.html")
+    box = wait(d, lambda d: d.find_element(By.ID, "message"))
+    box.send_keys("Tell me <b>something</b>.", Keys.CONTROL, Keys.ENTER)
+    wait(d, lambda d: "Answer number 1." in d.find_element(By.ID, "chat").text)
+    assert "Tell me <b>something</b>." in d.find_element(By.ID, "chat").text
+
+    def button(label):
+        return next(b for b in d.find_elements(By.CSS_SELECTOR, "#chat button") if b.text == label)
+
+    button("Thumbs down").click()
+    wait(d, lambda d: "feedback saved" in d.find_element(By.ID, "status").text)
+    button("Regenerate and compare").click()
+    wait(d, lambda d: "Answer number 2." in d.find_element(By.ID, "chat").text)
+    d.refresh()  # the conversation and its answers survive a reload
+    wait(d, lambda d: "Answer number 2." in d.find_element(By.ID, "chat").text)
+    button("Answer 2 is better").click()
+    wait(d, lambda d: d.find_elements(By.XPATH, "//button[text()='Answer 2 is better (chosen)']") or None)
+    wait(d, lambda d: len(store.submissions(kind="chat")) == 2)
+    out = tmp_path / "comparisons.jsonl"
+    written, skipped = export(store, "comparisons", out)
+    assert (written, skipped["unpaired_chat"]) == (1, 1)  # a lone thumbs-down pairs with nothing
+    assert json.loads(out.read_text()) == {"messages": [{"role": "user", "content": "Tell me <b>something</b>."}],
+                                           "chosen": "Answer number 2.", "rejected": "Answer number 1."}
