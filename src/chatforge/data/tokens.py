@@ -40,10 +40,17 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
 
 def corpus_hash(paths: list[str | Path]) -> str:
     """Hash of the corpus contents in reading order (names and locations do not matter)."""
-    h = hashlib.sha256()
-    for f in corpus_files(paths):
-        h.update(file_hash(f).encode())
-    return h.hexdigest()[:16]
+    files = corpus_files(paths)
+    seen = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if seen not in _corpus_hashes:  # a large corpus is read once per process, however often it is asked for
+        h = hashlib.sha256()
+        for f in files:
+            h.update(file_hash(f).encode())
+        _corpus_hashes[seen] = h.hexdigest()[:16]
+    return _corpus_hashes[seen]
+
+
+_corpus_hashes: dict[tuple, str] = {}
 
 
 def data_key(paths: list[str | Path], tokenizer: Tokenizer, val_fraction: float,
