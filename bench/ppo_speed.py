@@ -68,7 +68,7 @@ def to_transformers(policy, reward):
     return hf_policy, hf_reward
 
 
-def run_chatforge(policy, reward, tokenizer, prompts, args) -> list[float]:
+def run_chatforge(policy, reward, tokenizer, prompts, args) -> list[dict]:
     from chatforge.tokenizer import Tokenizer
     from chatforge.train.ppo import PPOConfig, PPOModels, RewardModelScorer, train_ppo
     no_stop = Tokenizer(tokenizer.tok, eos_tokens=())  # answers run to the length limit, as trl's do
@@ -82,7 +82,7 @@ def run_chatforge(policy, reward, tokenizer, prompts, args) -> list[float]:
                     warmup_steps=0, kl_coef=0.05, vf_coef=0.1, missing_eos_penalty=0.0, sample_every=0,
                     progress=False, seed=args.seed)
     history = train_ppo(models, prompts, cfg, log=lambda _: None)
-    return [row["seconds"] for row in history if "reward" in row][1:]
+    return [row for row in history if "reward" in row][1:]
 
 
 def run_trl(hf_policy, hf_reward, tokenizer, prompts, args) -> list[float]:
@@ -156,14 +156,17 @@ def main() -> None:
           f"{args.threads} threads; median of {args.iterations} after 1 warm-up", flush=True)
 
     trl_times = run_trl(hf_policy, hf_reward, tokenizer, prompts, args)
-    cf_times = run_chatforge(policy, reward, tokenizer, prompts, args)
+    cf_rows = run_chatforge(policy, reward, tokenizer, prompts, args)
+    cf_times = [r["seconds"] for r in cf_rows]
+    phases = {k: round(statistics.median(r[f"{k}_seconds"] for r in cf_rows), 4) for k in ("rollout", "score", "update")}
     cf, trl = statistics.median(cf_times), statistics.median(trl_times)
     print(f"{'':12} {'s/iteration':>12} {'answers/s':>10}")
     print(f"{'chatforge':12} {cf:12.3f} {args.batch / cf:10.1f}")
     print(f"{'trl':12} {trl:12.3f} {args.batch / trl:10.1f}")
+    print(f"chatforge phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     print(f"speedup: chatforge is {trl / cf:.2f}x trl's speed per PPO iteration")
     print(json.dumps({"ppo_speedup": round(trl / cf, 3), "chatforge_s_per_iter": round(cf, 4),
-                      "trl_s_per_iter": round(trl, 4), "chatforge_times": [round(t, 4) for t in cf_times],
+                      "trl_s_per_iter": round(trl, 4), "chatforge_phases": phases, "chatforge_times": [round(t, 4) for t in cf_times],
                       "trl_times": [round(t, 4) for t in trl_times], "preset": args.preset,
                       "batch": args.batch, "minibatch": args.minibatch, "prompt_len": args.prompt_len,
                       "answer_len": args.answer_len, "epochs": args.epochs, "threads": args.threads,

@@ -108,6 +108,16 @@ def test_lora_ppo_keeps_base_weights_bit_identical(rl_toy):
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # the adapters did train
 
 
+def test_ptx_mixes_the_pretraining_loss_into_the_update(rl_toy, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{q} The answer is a colour, for example red or blue." for q in QUESTIONS * 5))
+    models = toy_models(rl_toy)
+    history = train_ppo(models, rl_toy.prompt_ids(), toy_cfg(iterations=1, rollout_batch=12, minibatch=6,
+                                                              ptx_coef=1.0, ptx_corpus=[str(corpus)], ptx_batch=4,
+                                                              ptx_context=16), token_cache=tmp_path / "cache")
+    assert 0 < history[-1]["ptx_loss"] < 20
+
+
 def test_run_ppo_writes_a_policy_checkpoint(rl_toy, tmp_path):
     out = tmp_path / "ppo"
     cfg = PPOConfig(policy=str(rl_toy.sft), reward_model=str(rl_toy.reward), prompts=str(rl_toy.prompts),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from chatforge import ChatforgeError
 from chatforge.checkpoint import load_model, read_meta, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
+from chatforge.device import pick_device
 from chatforge.data.preferences import PreferencePair, read_comparisons, to_pairs
 from chatforge.model.adapters import weights_hash
 from chatforge.tokenizer import Tokenizer
@@ -209,7 +210,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         raise ChatforgeError(f"{cfg.policy}: is a {meta['kind']} checkpoint, expected a policy (sft or policy)")
     comparisons = [c for path in cfg.data for c in read_comparisons(path)]
     pairs = to_pairs(comparisons)
-    device = torch.device(cfg.device) if cfg.device else _default_device()
+    device = pick_device(cfg.device)
     policy, tokenizer, _ = load_model(cfg.policy, device, expect_kind=("sft", "policy", "base"))
     max_len = cfg.max_len or policy.config.max_position_embeddings
     encoded, kept = [], []
@@ -265,12 +266,11 @@ def _saver(tokenizer: Tokenizer, meta: dict[str, Any], lora: bool):
     return save
 
 
-def _default_device() -> torch.device:
-    from chatforge.device import pick_device
-    return pick_device(None)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dpo", help="direct preference optimisation on comparison files (reference = SFT)")
     add_config_args(p, DPOConfig)
-    p.set_defaults(func=lambda args: run_dpo(config_from_args(DPOConfig, args, section="dpo")))
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_dpo(config_from_args(DPOConfig, args, section="dpo"))

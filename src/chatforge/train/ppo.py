@@ -24,6 +24,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge import ChatforgeError
-from chatforge.checkpoint import RunLock, load_model, read_meta, resolve, save_model_checkpoint
+from chatforge.checkpoint import RunLock, is_complete, load_model, read_meta, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
 from chatforge.device import autocast as bf16_autocast
 from chatforge.device import pick_device
@@ -101,7 +102,6 @@ class PPOConfig:
     eval_every: int = 0
     eval_size: int = 64
     gold: bool = False               # score the eval answers with the tiny world's gold labeler too
-    save_every: int = 0
     seed: int = 0
     device: str | None = None        # cuda, mps or cpu; default: the best available
     dtype: str = "fp32"              # fp32 | bf16 (autocast; the engine's and the update's log-probs then differ more)
@@ -124,6 +124,8 @@ class PPOConfig:
             (self.ptx_coef >= 0, f"ptx_coef must be >= 0, got {self.ptx_coef}"),
             (not (self.ptx_coef > 0 and not self.ptx_corpus), "ptx_coef > 0 needs ptx_corpus (pretraining text)"),
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+            (not (self.lora and self.reference),
+             "with lora the reference is the policy's own weights with the adapters off: leave reference unset"),
         ]
         for ok, message in checks:
             if not ok:
@@ -224,7 +226,10 @@ def check_inputs(cfg: PPOConfig) -> CheckedInputs:
         if (ref / "tokenizer.json").read_bytes() != policy_tok:
             raise ChatforgeError(f"{cfg.reference}: its tokenizer differs from the policy's ({cfg.policy})")
     tokenizer = Tokenizer.load(resolve(cfg.policy))
-    context = json.loads((resolve(cfg.policy) / "config.json").read_text())["max_position_embeddings"]
+    context = _context(cfg.policy)
+    if _context(cfg.reward_model) < context:
+        raise ChatforgeError(f"{cfg.reward_model}: context {_context(cfg.reward_model)} is shorter than the "
+                             f"policy's {context}, so it cannot score every answer")
     prompts, _ = read_prompts(cfg.prompts, tokenizer, context, cfg.max_new_tokens)
     eval_set = None
     if cfg.eval_prompts:
@@ -233,12 +238,13 @@ def check_inputs(cfg: PPOConfig) -> CheckedInputs:
     return CheckedInputs(policy_meta, prompts, eval_set)
 
 
-def load_models(cfg: PPOConfig, device: torch.device) -> tuple[PPOModels, dict[str, Any]]:
-    policy, tokenizer, policy_meta = load_model(cfg.policy, device, expect_kind=("sft", "policy", "base"))
+def _context(checkpoint: str) -> int:
+    return json.loads((resolve(checkpoint) / "config.json").read_text())["max_position_embeddings"]
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
+    policy, tokenizer, _ = load_model(cfg.policy, device, expect_kind=("sft", "policy", "base"))
     reward_model, _, reward_meta = load_model(cfg.reward_model, device, expect_kind=("reward",))
-    if reward_model.config.max_position_embeddings < policy.config.max_position_embeddings:
-        raise ChatforgeError(f"{cfg.reward_model}: context {reward_model.config.max_position_embeddings} is shorter "
-                             f"than the policy's {policy.config.max_position_embeddings}")
     reference = None
     if cfg.lora:
         from chatforge.model.adapters import LoRAConfig, attach_lora
@@ -252,7 +258,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[PPOModels, dict[s
     else:
         value = ValueHead(policy.config.hidden_size).to(device)
     scorer = RewardModelScorer(reward_model, tokenizer.pad_id, reward_meta)
-    return PPOModels(policy.eval(), reference.eval() if reference else None, value.eval(), scorer, tokenizer), policy_meta
+    return PPOModels(policy.eval(), reference.eval() if reference else None, value.eval(), scorer, tokenizer)
 
 
 # ---------------------------------------------------------------- 1. rollout
@@ -534,11 +540,13 @@ class PPOProgress(Progress):
             print(f"iteration {row['iteration']}/{self.total}: {text}", file=sys.stderr, flush=True)
 
 
-def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, out: Path):
-    """Endless random windows of the pretraining corpus, for the ptx term."""
+def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, cache: Path):
+    """Endless random windows of the pretraining corpus's training split, for the ptx term.
+
+    The shards are pretraining's own when `cache` is its token cache (same corpus, tokenizer and split).
+    """
     from chatforge.data.tokens import WindowSampler, tokenize_corpus
-    data = tokenize_corpus(cfg.ptx_corpus, tokenizer, out.parent / ".token-cache", val_fraction=0.0,
-                           progress=cfg.progress)
+    data = tokenize_corpus(cfg.ptx_corpus, tokenizer, cache, val_fraction=0.01, progress=cfg.progress)
     sampler = WindowSampler(data.train, cfg.ptx_context, cfg.ptx_batch, seed=cfg.seed)
     step = 0
     while True:
@@ -548,8 +556,14 @@ def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, out: Path):
 
 def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: Path | None = None,
               eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None = None, labeler=None,
-              log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Run `cfg.iterations` PPO iterations in place on `models`; returns the per-iteration statistics."""
+              log: Callable[[str], None] = print, token_cache: Path | None = None) -> list[dict[str, Any]]:
+    """Run `cfg.iterations` PPO iterations in place on `models`; returns the per-iteration statistics.
+
+    `out` receives metrics.jsonl; `token_cache` holds the ptx corpus's token shards (default: token-cache/
+    beside `out`, where pretraining keeps them).
+    """
+    if token_cache is None:
+        token_cache = (out.parent if out is not None else Path(tempfile.gettempdir())) / "token-cache"
     from chatforge.infer.engine import Engine
     device = next(models.policy.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -568,7 +582,7 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
                                 {"params": value_params, "lr": cfg.value_lr}], train_cfg, device)
     scheduler = Schedule(optimizer, train_cfg)
     score_moments = rl_math.RunningMoments()
-    ptx_batches = ptx_stream(cfg, models.tokenizer, out or Path(".")) if cfg.ptx_coef > 0 else None
+    ptx_batches = ptx_stream(cfg, models.tokenizer, token_cache) if cfg.ptx_coef > 0 else None
     monitor = HealthMonitor(cfg.kl_target)
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
     history: list[dict[str, Any]] = []
@@ -599,8 +613,10 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
             answers = rollout(engine, batch_prompts, cfg.max_new_tokens, models.tokenizer.stop_ids,
                               seed=cfg.seed * 1_000_003 + iteration)
             exp = to_experience(answers, models.tokenizer.pad_id, device)
+            t_rollout = time.perf_counter()
             # 2. score
             score(models, exp, batch_prompts, cfg, score_moments, autocast)
+            t_score = time.perf_counter()
             # 3-4. rewards and advantages
             kl_coef = kl_ctl.value
             compute_advantages(exp, kl_coef, cfg)
@@ -611,8 +627,10 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
             # 6. β
             row = iteration_row(exp, kl_coef, update_stats)
             kl_ctl.update(row["kl"], len(batch_prompts))
-            row = {"iteration": iteration + 1, **row, "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0}
+            t_end = time.perf_counter()
+            row = {"iteration": iteration + 1, **row, "lr": scheduler.get_last_lr()[0], "seconds": t_end - t0,
+                   "rollout_seconds": t_rollout - t0, "score_seconds": t_score - t_rollout,
+                   "update_seconds": t_end - t_score}
             texts = [a.text for a in answers]
             for w in monitor.check(row, texts):
                 log(f"warning: iteration {iteration + 1}: {w}")
@@ -635,12 +653,14 @@ def run_ppo(cfg: PPOConfig) -> Path:
     """`chatforge ppo`: load and check everything, train, and write the policy checkpoint (kind "policy")."""
     cfg.validate()
     checked = check_inputs(cfg)
+    if is_complete(cfg.out):
+        raise ChatforgeError(f"{cfg.out} already holds a checkpoint: choose another output directory")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     with RunLock(out):
-        models, _ = load_models(cfg, device)
+        models = load_models(cfg, device)
         prompts, eval_set = checked.prompts, checked.eval_set
         labeler = None
         if cfg.gold and eval_set is not None:
@@ -652,21 +672,24 @@ def run_ppo(cfg: PPOConfig) -> Path:
               f"{len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} answers "
               f"<= {cfg.max_new_tokens} tokens, {cfg.ppo_epochs} epochs of minibatch {cfg.minibatch}"
               f"{f', ptx_coef {cfg.ptx_coef}' if cfg.ptx_coef else ''}")
-        run_dir = out.with_name(out.name + ".run")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # metrics.jsonl grows here; the checkpoint is swapped in at the end
+        (out / "metrics.jsonl").unlink(missing_ok=True)
         start = time.time()
-        history = train_ppo(models, prompts, cfg, run_dir, eval_set, labeler)
+        history = train_ppo(models, prompts, cfg, out, eval_set, labeler)
         policy = models.policy
         if cfg.lora:
             from chatforge.model.adapters import merge_lora
             policy = merge_lora(policy)
-        last = [row for row in history if "reward" in row][-1]
-        summary = {k: last[k] for k in ("reward", "rm_score", "kl", "kl_coef", "entropy", "answer_len") if k in last}
+        iterations = [row for row in history if "reward" in row]
+        last = iterations[-1]
+        summary = {k: last[k] for k in ("reward", "rm_score", "kl", "kl_coef", "entropy", "answer_len")}
+        evaluations = [row for row in history if "eval_kl" in row]
+        if evaluations:
+            summary.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_")})
         meta = {"kind": "policy", "stage": "ppo", "parent": str(resolve(cfg.policy)),
                 "parent_hash": weights_hash(resolve(cfg.policy)), "config": asdict(cfg),
-                "metrics": {**summary, "iterations": len(history), "seconds": round(time.time() - start, 1)}}
-        path = save_model_checkpoint(out, policy, models.tokenizer, meta, metrics_from=run_dir / "metrics.jsonl")
+                "metrics": {**summary, "iterations": len(iterations), "seconds": round(time.time() - start, 1)}}
+        path = save_model_checkpoint(out, policy, models.tokenizer, meta, metrics_from=out / "metrics.jsonl")
     print(f"ppo: wrote {path} (rm score {last['rm_score']:+.3f}, KL {last['kl']:.2f} nats, "
           f"β {last['kl_coef']:.3f}); metrics in {path / 'metrics.jsonl'}")
     return path
@@ -675,4 +698,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", help="RLHF step 3: PPO against a reward model with a KL penalty (and PPO-ptx)")
     add_config_args(p, PPOConfig)
-    p.set_defaults(func=lambda args: run_ppo(config_from_args(PPOConfig, args, section="ppo")))
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_ppo(config_from_args(PPOConfig, args, section="ppo"))
