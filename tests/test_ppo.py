@@ -186,3 +186,15 @@ def test_reference_that_is_not_the_policys_parent_is_refused(rl_toy, tmp_path, n
 def test_reward_model_given_as_policy_is_refused(rl_toy, tmp_path, no_compute):
     with pytest.raises(ChatforgeError, match="expected a policy"):
         run_ppo(bad_cfg(rl_toy, tmp_path, policy=str(rl_toy.reward)))
+
+
+def test_health_monitor_warns_on_known_failure_modes():
+    from chatforge.train.ppo import HealthMonitor
+    monitor = HealthMonitor(kl_target=6.0)
+    row = {"kl": 0.5, "rm_score": 0.0, "answer_len": 20.0}
+    assert monitor.check(row, [f"answer {i}" for i in range(16)]) == []
+    warnings = monitor.check({"kl": -0.5, "rm_score": 0.1, "answer_len": 20.0}, ["same"] * 12 + ["other"] * 4)
+    assert any("negative KL" in w for w in warnings) and any("collapsing" in w for w in warnings)
+    assert any("KL explodes" in w for w in monitor.check({"kl": 80.0, "rm_score": 2.0, "answer_len": 20.0}, []))
+    assert any("length hacking" in w for w in monitor.check({"kl": 1.0, "rm_score": 0.5, "answer_len": 60.0}, []))
+    assert any("length hacking" in w for w in monitor.check({"kl": 1.0, "rm_score": 0.5, "answer_len": 5.0}, []))

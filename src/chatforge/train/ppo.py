@@ -466,9 +466,10 @@ class HealthMonitor:
             top, count = Counter(answers).most_common(1)[0]
             if count / len(answers) > 0.5 and len(answers) >= 8:
                 warnings.append(f"answers collapsing: {count}/{len(answers)} are the same string {top[:40]!r}")
-        if self.history and row["answer_len"] > 2 * first["answer_len"] + 4:
-            warnings.append(f"length hacking? mean answer length {row['answer_len']:.1f} tokens, "
-                            f"{first['answer_len']:.1f} at the start")
+        start_len, now_len = first["answer_len"], row["answer_len"]
+        if self.history and (now_len > 2 * start_len + 4 or now_len < start_len / 2 - 2):
+            warnings.append(f"length hacking? mean answer length {now_len:.1f} tokens, {start_len:.1f} at the start: "
+                            "check whether the reward model simply prefers longer (or shorter) answers")
         self.history.append(row)
         return warnings
 
