@@ -12,8 +12,9 @@ answer length cannot differ), --epochs PPO epochs over minibatches of --minibatc
 model, the KL penalty per token, GAE and whitened advantages. trl runs without gradient checkpointing or
 mixed precision (its defaults, which would slow it down or change the arithmetic).
 
-An iteration is rollout + scoring + advantages + all PPO epochs. Each side runs one warm-up iteration, then
---iterations timed ones; the median is reported. The last line is one JSON object with `ppo_speedup`
+An iteration is rollout + scoring + advantages + all PPO epochs. The two sides alternate, one iteration each
+(a trl callback runs chatforge's), so both are timed under the same load on a shared machine; each runs
+one warm-up iteration, then --iterations timed ones, and the medians are compared. The last line is one JSON object with `ppo_speedup`
 (trl's seconds per iteration over chatforge's).
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ def to_transformers(policy, reward):
     return hf_policy, hf_reward
 
 
-def run_chatforge(policy, reward, tokenizer, prompts, args) -> list[dict]:
+def chatforge_iteration(policy, reward, tokenizer, args):
+    """A function that runs one chatforge PPO iteration on the next prompts and returns its statistics row."""
     from chatforge.tokenizer import Tokenizer
     from chatforge.train.ppo import PPOConfig, PPOModels, RewardModelScorer, train_ppo
     no_stop = Tokenizer(tokenizer.tok, eos_tokens=())  # answers run to the length limit, as trl's do
@@ -77,28 +79,40 @@ def run_chatforge(policy, reward, tokenizer, prompts, args) -> list[dict]:
                        value=copy.deepcopy(reward).requires_grad_(True).eval(),
                        reward=RewardModelScorer(copy.deepcopy(reward), no_stop.pad_id, {}, batch_size=args.batch),
                        tokenizer=no_stop)
-    cfg = PPOConfig(iterations=1 + args.iterations, rollout_batch=args.batch, minibatch=args.minibatch,
-                    ppo_epochs=args.epochs, max_new_tokens=args.answer_len, lr=args.lr, value_lr=args.lr,
-                    warmup_steps=0, kl_coef=0.05, vf_coef=0.1, missing_eos_penalty=0.0, sample_every=0,
-                    progress=False, seed=args.seed)
-    history = train_ppo(models, prompts, cfg, log=lambda _: None)
-    return [row for row in history if "reward" in row][1:]
+    cfg = PPOConfig(iterations=1, rollout_batch=args.batch, minibatch=args.minibatch, ppo_epochs=args.epochs,
+                    max_new_tokens=args.answer_len, lr=args.lr, value_lr=args.lr, warmup_steps=0, kl_coef=0.05,
+                    vf_coef=0.1, missing_eos_penalty=0.0, sample_every=0, progress=False)
+    calls = 0
+
+    def step(prompts: list[list[int]]) -> dict:
+        nonlocal calls
+        calls += 1
+        cfg.seed = args.seed + calls
+        return train_ppo(models, prompts, cfg, log=lambda _: None)[-1]
+    return step
 
 
-def run_trl(hf_policy, hf_reward, tokenizer, prompts, args) -> list[float]:
+def run_interleaved(hf_policy, hf_reward, tokenizer, prompts, cf_step, args) -> tuple[list[float], list[dict]]:
+    """trl's PPOTrainer runs its iterations; after each one, a callback runs one chatforge iteration, so both
+    sides are timed under the same machine load. Returns (trl seconds per iteration, chatforge rows)."""
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    class StepTimes(TrainerCallback):
+    class Alternate(TrainerCallback):
         def __init__(self) -> None:
-            self.stamps: list[float] = []
+            self.trl_seconds: list[float] = []
+            self.chatforge_rows: list[dict] = []
+            self.start = 0.0
 
         def on_train_begin(self, *a, **k):
-            self.stamps.append(time.perf_counter())
+            self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.stamps.append(time.perf_counter())
+            self.trl_seconds.append(time.perf_counter() - self.start)
+            i = len(self.chatforge_rows)
+            self.chatforge_rows.append(cf_step(prompts[i * args.batch:(i + 1) * args.batch]))
+            self.start = time.perf_counter()
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tokenizer.tok), pad_token="<|pad|>",
                                      eos_token="<|end|>", bos_token="<|bos|>")
@@ -112,14 +126,13 @@ def run_trl(hf_policy, hf_reward, tokenizer, prompts, args) -> list[float]:
                        num_sample_generations=0, bf16=False, fp16=False, gradient_checkpointing=False,
                        use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                        lr_scheduler_type="constant", seed=args.seed, dataloader_num_workers=0)
-    timer = StepTimes()
+    alternate = Alternate()
     trainer = PPOTrainer(args=config, processing_class=hf_tok, model=copy.deepcopy(hf_policy),
                          ref_model=copy.deepcopy(hf_policy), reward_model=copy.deepcopy(hf_reward),
                          train_dataset=data, value_model=copy.deepcopy(hf_reward), eval_dataset=None,
-                         callbacks=[timer])
+                         callbacks=[alternate])
     trainer.train()
-    durations = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
-    return durations[1:]
+    return alternate.trl_seconds[1:], alternate.chatforge_rows[1:]  # the first of each is the warm-up
 
 
 def main() -> None:
@@ -155,8 +168,8 @@ def main() -> None:
           f"+ answer {args.answer_len} tokens, {args.epochs} epochs x minibatch {args.minibatch}, fp32, "
           f"{args.threads} threads; median of {args.iterations} after 1 warm-up", flush=True)
 
-    trl_times = run_trl(hf_policy, hf_reward, tokenizer, prompts, args)
-    cf_rows = run_chatforge(policy, reward, tokenizer, prompts, args)
+    cf_step = chatforge_iteration(policy, reward, tokenizer, args)
+    trl_times, cf_rows = run_interleaved(hf_policy, hf_reward, tokenizer, prompts, cf_step, args)
     cf_times = [r["seconds"] for r in cf_rows]
     phases = {k: round(statistics.median(r[f"{k}_seconds"] for r in cf_rows), 4) for k in ("rollout", "score", "update")}
     cf, trl = statistics.median(cf_times), statistics.median(trl_times)

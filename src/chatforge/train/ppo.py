@@ -428,6 +428,9 @@ def ppo_update(models: PPOModels, exp: Experience, optimizer: torch.optim.Optimi
                     ptx_loss = F.cross_entropy(models.policy(x).float().flatten(0, 1), y.flatten())
                 loss = loss + cfg.ptx_coef * ptx_loss
                 stats.setdefault("ptx_loss", []).append(ptx_loss.item())
+            if not torch.isfinite(loss):
+                raise ChatforgeError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}): "
+                                     "training stopped before the weights were damaged; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip) if cfg.grad_clip > 0 else None
