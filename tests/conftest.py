@@ -197,3 +197,41 @@ def tiny_lm(tmp_path_factory):
     path = save_model_checkpoint(tmp_path_factory.mktemp("tiny_lm") / "base", model, tokenizer,
                                  {"kind": "base", "stage": "test"})
     return path, model.eval(), tokenizer
+
+
+# --- serving (test_serve, test_web, test_moderation) ---
+
+@pytest.fixture(scope="session")
+def parrot_ckpt(tmp_path_factory) -> Path:
+    """A 2-layer chat model (context 256) that memorised three answers word for word (tests/serve_toy.py):
+    an HTML answer with a <script>, a greeting, and a harmful how-to; a few seconds on one thread."""
+    import torch
+    from serve_toy import build_parrot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_parrot(tmp_path_factory.mktemp("models") / "parrot")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def moderation_classifier(small_world, tmp_path_factory) -> Path:
+    """The moderation classifier trained (300 steps) on the small world's labelled prompts plus the parrot's
+    prompts and harmless answers labelled benign, as a user adds their own examples; a few seconds."""
+    import json
+    from serve_toy import HELLO_ANSWER, MEMORISED, SCRIPT_ANSWER
+    from chatforge.safety.moderation import ModerationConfig, read_examples, train_moderator
+    root = tmp_path_factory.mktemp("moderation")
+    extra = root / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "category": "benign"}) + "\n"
+                             for q in [*MEMORISED, HELLO_ANSWER, SCRIPT_ANSWER]))
+    examples = read_examples(small_world / "prompts" / "moderation.jsonl") + read_examples(extra)
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moderator = train_moderator(examples, ModerationConfig(steps=300), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return moderator.save(root / "classifier")
