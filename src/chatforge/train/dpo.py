@@ -154,12 +154,15 @@ def split_by_prompt(pairs: list[PreferencePair], val_fraction: float) -> tuple[l
 
 
 class PairBatches:
-    """`batches(step, micro)`: a pure function of its arguments, so resume needs no data state."""
+    """`batches(step, micro)`: a pure function of its arguments, so resume needs no data state.
+
+    A step's `batch_size` pairs are dealt out as `grad_accum` micro-batches x ranks (under torchrun).
+    """
 
     def __init__(self, pairs: list[EncodedPair], ref: torch.Tensor, batch_size: int, grad_accum: int,
                  pad_id: int, seed: int) -> None:
         self.pairs, self.ref, self.pad_id, self.seed = pairs, ref, pad_id, seed
-        self.batch_size, self.rows = batch_size, batch_size // grad_accum
+        self.batch_size, self.grad_accum = batch_size, grad_accum
 
     def indices(self, step: int) -> np.ndarray:
         flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
@@ -172,7 +175,15 @@ class PairBatches:
         return out
 
     def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rows = self.indices(step)[micro * self.rows:(micro + 1) * self.rows]
+        import torch.distributed as dist
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        parts = self.grad_accum * world
+        if self.batch_size % parts:
+            raise ChatforgeError(f"batch_size {self.batch_size} does not split into grad_accum {self.grad_accum} "
+                                 f"x {world} rank(s)")
+        n = self.batch_size // parts
+        first = (micro * world + rank) * n
+        rows = self.indices(step)[first:first + n]
         batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id)
         batch["ref_logprobs"] = self.ref[rows]
         return batch
