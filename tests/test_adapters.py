@@ -168,3 +168,22 @@ def test_adapter_on_the_wrong_base_is_refused_naming_both(base_dirs, tmp_path):
     with pytest.raises(ChatforgeError) as err:
         load_model(out)
     assert "base0" in str(err.value) and "base1" in str(err.value)
+
+
+def test_ptuned_model_generates_through_the_engine_as_without_cache():
+    """The engine's left-padded, cached decoding of a P-tuned model matches plain greedy decoding."""
+    from chatforge.infer.engine import Engine, SamplingParams
+    tok = train_tokenizer(["hello world, the capital of France is Paris."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = attach_ptuning(GPT(preset("nano", vocab_size=tok.vocab_size, context=64)), PTuningConfig(4, "mlp", 16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    prompts = [tok.encode("hello world"), tok.encode("the capital of France is")]
+    gens = Engine(model, tok).generate(prompts, SamplingParams(max_new_tokens=6, stop_ids=[]))
+    for prompt, gen in zip(prompts, gens):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert gen.ids == ids[len(prompt):]
