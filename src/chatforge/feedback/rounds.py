@@ -233,9 +233,10 @@ def write_report(cfg: RoundConfig, rounds: list[dict[str, Any]], ratings: list[d
     elo = {r["name"]: r for r in ratings}
     lines = ["# RLHF rounds", "",
              f"Policies answer the same {rounds[-1]['eval_prompts']} prompts greedily; judged by "
-             f"{rounds[-1]['judge']}. Reproduce a round with `{rounds[-1]['command']}`.", "",
-             "| round | comparisons (new / all) | reward held-out accuracy | score | vs previous round (95% CI) "
-             "| Elo (95% CI) |", "|---|---|---|---|---|---|"]
+             f"{rounds[-1]['judge']}. Rounds run with `{rounds[-1]['command']}`; each round's settings are in "
+             "round-N/round.json.", "",
+             "| round | comparisons: new, trained on | reward held-out accuracy (95% CI) | score "
+             "| vs previous round (95% CI) | Elo (95% CI) |", "|---|---|---|---|---|---|"]
     r0 = elo["round-0"]
     lines.append(f"| 0 (SFT) | | | {rounds[0]['previous_score']:.3f} | | "
                  f"{r0['elo']:.0f} ({r0['low']:.0f}..{r0['high']:.0f}) |")
@@ -243,7 +244,7 @@ def write_report(cfg: RoundConfig, rounds: list[dict[str, Any]], ratings: list[d
         e, d = elo[f"round-{r['round']}"], r["difference"]
         a, p = r["reward_accuracy"], r["previous_reward_accuracy"]
         previous = "" if p is None else f"; round {r['round'] - 1}'s {p['accuracy']:.3f}"
-        lines.append(f"| {r['round']} | {r['comparisons_new']} / {r['comparisons']} | {a['accuracy']:.3f} "
+        lines.append(f"| {r['round']} | {r['comparisons_new']}, {r['comparisons']} | {a['accuracy']:.3f} "
                      f"({a['ci_low']:.3f}..{a['ci_high']:.3f}{previous}) | {r['score']:.3f} | {d['mean']:+.3f} ({d['ci_low']:+.3f}.."
                      f"{d['ci_high']:+.3f}) | {e['elo']:.0f} ({e['low']:.0f}..{e['high']:.0f}) |")
     path = Path(cfg.run) / "rounds" / "report.md"
