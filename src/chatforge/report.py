@@ -1,0 +1,190 @@
+"""The run's report: report.json (every number, machine-readable) and report.html (self-contained, offline).
+
+The page holds the tables, the example answers side by side and the plots (PNG inlined as data URIs).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from chatforge.checkpoint import atomic_write_text
+
+METRIC_NAMES = [  # (key in the gold summary's metrics, label)
+    ("fact_accuracy", "fact accuracy"), ("arithmetic_accuracy", "arithmetic accuracy"),
+    ("format_accuracy", "format compliance"), ("followup_accuracy", "follow-up accuracy"),
+    ("harmful_refusal_rate", "harmful refusal"), ("benign_over_refusal_rate", "benign over-refusal"),
+    ("premise_correction_rate", "premise correction"), ("clarification_rate", "clarification"),
+]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect_report(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    summary_path = run_dir / "eval" / "summary.json"
+    evaluation = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {
+        "run": str(run_dir),
+        "stages": {k: {"seconds": v.get("seconds"), "summary": v.get("summary")} for k, v in state["stages"].items()},
+        "total_seconds": round(sum(v.get("seconds") or 0 for v in state["stages"].values()), 1),
+        "evaluation": evaluation,
+        "curves": {stage: read_metrics(run_dir / stage / "metrics.jsonl")
+                   for stage in ("pretrain", "sft", "reward", "ppo", "dpo")},
+    }
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    pts = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plots(report: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves, out = report["curves"], {}
+    for stage, title in (("pretrain", "Pretraining loss"), ("sft", "SFT loss")):
+        rows = curves.get(stage) or []
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key, label in (("loss", "train"), ("val_loss", "validation")):
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, label=label, marker="o" if key == "val_loss" else None, ms=3)
+        ax.set(title=title, xlabel="step", ylabel="cross-entropy (nats/token)")
+        ax.legend()
+        out[stage] = _png(fig)
+    reward_rows = curves.get("reward") or []
+    xs, ys = _series(reward_rows, "accuracy")
+    if xs:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(xs, ys, marker="o", ms=3)
+        ax.set(title="Reward model: held-out pairwise accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+        out["reward"] = _png(fig)
+    ppo = [r for r in curves.get("ppo") or [] if "reward" in r]
+    if ppo:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        it = [r["iteration"] for r in ppo]
+        ax.plot(it, [r["rm_score"] for r in ppo], label="reward-model score")
+        ax.plot(it, [r["reward"] for r in ppo], label="reward (score - β·KL)")
+        ax.set(title="PPO: reward and KL", xlabel="iteration", ylabel="reward")
+        ax2 = ax.twinx()
+        ax2.plot(it, [r["kl"] for r in ppo], color="gray", ls="--", label="KL to SFT")
+        ax2.set_ylabel("KL (nats per answer)")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+        out["ppo"] = _png(fig)
+    evals = [r for r in curves.get("ppo") or [] if "eval_kl" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        sq = [math.sqrt(max(r["eval_kl"], 0)) for r in evals]
+        ax.plot(sq, [r["eval_rm_score"] for r in evals], marker="o", ms=3, label="proxy (reward model)")
+        if any("eval_gold_score" in r for r in evals):
+            ax2 = ax.twinx()
+            ax2.plot(sq, [r.get("eval_gold_score") for r in evals], marker="s", ms=3, color="C1", label="gold labeler")
+            ax2.set_ylabel("gold score")
+            ax2.legend(loc="lower right", fontsize=8)
+        ax.set(title="Gold and proxy reward against √KL (dev prompts)", xlabel="√KL to SFT", ylabel="proxy score")
+        ax.legend(loc="upper left", fontsize=8)
+        out["overoptimisation"] = _png(fig)
+    return out
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def model_rows(evaluation: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    models = evaluation.get("models", {})
+    headers = ["metric", *models]
+    rows: list[list[Any]] = []
+    for key, label in METRIC_NAMES:
+        rows.append([label, *(_pct(m["greedy"]["metrics"].get(key)) for m in models.values())])
+
+    def score(m: dict, which: str) -> str:
+        s = m.get(which, {}).get("mean_score")
+        return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "–"
+
+    rows.append(["mean gold score (greedy, 95% CI)", *(score(m, "greedy") for m in models.values())])
+    rows.append(["mean gold score (sampled, 95% CI)", *(score(m, "sampled") for m in models.values())])
+    for which, label in (("vs_sft_sampled", "win rate vs SFT (sampled, ties ½)"),
+                         ("vs_sft_greedy", "win rate vs SFT (greedy, ties ½)")):
+        rows.append([label, *(_pct(m[which].get("win_rate")) if which in m else "–" for m in models.values())])
+    rows.append(["reward-model score (greedy)", *(m.get("rm_score", "–") for m in models.values())])
+    rows.append(["KL to SFT (nats/answer)", *(m["kl_to_sft"]["kl"] if "kl_to_sft" in m else "–" for m in models.values())])
+    rows.append(["perplexity of references", *(m.get("perplexity", "–") for m in models.values())])
+    rows.append(["BLEU", *(m.get("bleu", "–") for m in models.values())])
+    rows.append(["ROUGE-L F1", *(m.get("rougeL", "–") for m in models.values())])
+    return headers, rows
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}img{max-width:100%;margin:.5em}.ans{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:90%}
+.plots{display:flex;flex-wrap:wrap}"""
+
+
+def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
+    ev = report["evaluation"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>chatforge report</title><style>{CSS}</style>"
+             f"</head><body><h1>chatforge run report</h1><p>{html.escape(report['run'])}: "
+             f"{report['total_seconds']:.0f} s of stage time. Evaluated on the <b>{html.escape(str(ev.get('split')))}"
+             f"</b> split.</p>"]
+    if ev.get("models"):
+        headers, rows = model_rows(ev)
+        parts.append("<h2>Models on the gold labeler</h2>" + _table(headers, rows))
+        base = ev["models"].get("base", {})
+        if base.get("fewshot"):
+            parts.append("<h2>Base model: in-context learning (capital questions)</h2>" + _table(
+                ["examples in the prompt (k)", "accuracy"], [[k, _pct(v)] for k, v in base["fewshot"].items()]))
+    rm = ev.get("reward_model", {})
+    held = rm.get("heldout") or {}
+    if held:
+        parts.append("<h2>Reward model</h2>" + _table(["measure", "value"], [
+            [k, v if not isinstance(v, float) else round(v, 4)] for k, v in held.items()
+            if isinstance(v, (int, float, str))]))
+    examples = ev.get("examples")
+    if examples:
+        names = list(examples["answers"])
+        rows = [[p, *(examples["answers"][n][i] for n in names)] for i, p in enumerate(examples["prompts"])]
+        parts.append("<h2>The same prompts, side by side</h2>" + _table(["prompt", *names], rows).replace(
+            "<td>", "<td class='ans'>"))
+    if images:
+        parts.append("<h2>Training</h2><div class='plots'>" + "".join(
+            f"<img alt='{html.escape(k)}' id='plot-{html.escape(k)}' src='{v}'>" for k, v in images.items()) + "</div>")
+    parts.append("<h2>Time per stage</h2>" + _table(["stage", "seconds"], [
+        [k, v["seconds"]] for k, v in report["stages"].items()]))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(run_dir: Path, state: dict[str, Any], align: list[str] | None = None) -> dict[str, Path]:
+    report = collect_report(run_dir, state)
+    images = plots(report)
+    report["plots"] = sorted(images)
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=float))
+    atomic_write_text(run_dir / "report.html", render_html(report, images))
+    return {"json": run_dir / "report.json", "html": run_dir / "report.html"}
