@@ -37,8 +37,8 @@ def toy_rankings(rng: random.Random, n: int) -> list[dict]:
         marked = rng.randint(1, k - 1)
         good = sorted({toy_answer(rng, True) for _ in range(marked)})
         bad = sorted({toy_answer(rng, False) for _ in range(k - marked)})
-        tier = lambda group: group if len(group) > 1 else group[0]  # noqa: E731
-        out.append({"prompt": f"Say something about {rng.choice(WORDS)}.", "responses": [tier(good), tier(bad)]})
+        responses = [group if len(group) > 1 else group[0] for group in (good, bad)]  # a group of equals, or one
+        out.append({"prompt": f"Say something about {rng.choice(WORDS)}.", "responses": responses})
     return out
 
 

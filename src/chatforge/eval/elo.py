@@ -104,7 +104,7 @@ class EloConfig:
     temperature: float = 0.0         # 0 = greedy
     bootstrap: int = 1000            # resamples of the prompts for the confidence intervals
     seed: int = 0
-    out: str = ""                    # write ratings, answers and the win matrix to this JSON file
+    out: str = ""                    # write the ratings and every model's answers to this JSON file
     device: str | None = None
 
     def validate(self) -> None:
@@ -131,7 +131,7 @@ def read_elo_prompts(cfg: EloConfig) -> list[list[Message]]:
 
 
 def answer_all(checkpoint: str, conversations: list[list[Message]], cfg: EloConfig) -> list[str]:
-    """One answer per conversation from `checkpoint`, through the engine (a reward model is refused by name)."""
+    """One answer per conversation from `checkpoint`, through the engine."""
     from chatforge.data.chat import fit_messages
     from chatforge.infer.engine import Engine, SamplingParams
     engine = Engine.load(checkpoint, device=cfg.device)
@@ -153,7 +153,9 @@ def judge_games(conversations: list[list[Message]], answers: list[list[str]], ju
     if judge == "gold":
         from chatforge.data.world.labeler import GoldLabeler
         labeler = GoldLabeler()
-        verdict = lambda p, a, b: labeler.prefers(conversations[p], answers[a][p], answers[b][p])  # noqa: E731
+
+        def verdict(p: int, a: int, b: int) -> int:  # 1, 0 or -1
+            return labeler.prefers(conversations[p], answers[a][p], answers[b][p])
     else:
         from chatforge.checkpoint import load_model
         from chatforge.device import pick_device
@@ -162,7 +164,9 @@ def judge_games(conversations: list[list[Message]], answers: list[list[str]], ju
         flat = score_answers(model, tokenizer, [(conversations[p], answers[m][p]) for m in range(n_models)
                                                 for p in range(len(conversations))])
         rewards = np.array(flat).reshape(n_models, len(conversations))
-        verdict = lambda p, a, b: int(np.sign(rewards[a, p] - rewards[b, p]))  # noqa: E731
+
+        def verdict(p: int, a: int, b: int) -> int:
+            return int(np.sign(rewards[a, p] - rewards[b, p]))
     return [Game(p, a, b, (verdict(p, a, b) + 1) / 2)
             for p in range(len(conversations)) for a, b in combinations(range(n_models), 2)]
 

@@ -64,6 +64,19 @@ def calibration(margins: list[float]) -> tuple[list[dict[str, float]], float]:
     return rows, error
 
 
+def reference_pairs(comparisons: list[Comparison], labeler: Any = None) -> list[list[tuple[int, int]]]:
+    """Each prompt's (better, worse) answer indices: by the labeler's ranking when given (use a noise-free one),
+    else by the file's own ranking."""
+    if labeler is None:
+        return [c.pairs() for c in comparisons]
+    out = []
+    for c in comparisons:
+        tiers = labeler.rank(c.messages, c.answers)
+        order = [i for tier in tiers for i in tier]
+        out.append([(order[i], order[j]) for i, j in ranking_pairs([len(t) for t in tiers])])
+    return out
+
+
 def evaluate_reward_model(model: torch.nn.Module, tokenizer: Tokenizer, comparisons: list[Comparison],
                           labeler: Any = None, batch_size: int = 32) -> dict[str, Any]:
     """Score every answer once, then compare the rewards with the reference ranking of each prompt.
@@ -79,16 +92,11 @@ def evaluate_reward_model(model: torch.nn.Module, tokenizer: Tokenizer, comparis
     margins, longer_worse_right = [], []
     by_category: dict[str, list[bool]] = defaultdict(list)
     offset = 0
-    for c in comparisons:
+    for c, pairs in zip(comparisons, reference_pairs(comparisons, labeler)):
         answers = c.answers
         r = rewards[offset:offset + len(answers)]
         if labeler is not None:
-            tiers = labeler.rank(c.messages, answers)
             gold_scores += [labeler.score(c.messages, a).total for a in answers]
-            order = [i for tier in tiers for i in tier]
-            pairs = [(order[i], order[j]) for i, j in ranking_pairs([len(t) for t in tiers])]
-        else:
-            pairs = c.pairs()
         for i, j in pairs:
             margin = r[i] - r[j]
             margins.append(margin)

@@ -29,9 +29,9 @@ from tqdm import tqdm
 from chatforge import ChatforgeError
 from chatforge.checkpoint import atomic_write_text, file_hash, load_model, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
-from chatforge.data.chat import read_conversations
-from chatforge.data.preferences import (Comparison, iter_jsonl, parse_answer, parse_prompt, ranking_pairs,
-                                        read_comparisons)
+from chatforge.data.chat import fit_messages, read_conversations
+from chatforge.data.preferences import Comparison, iter_jsonl, parse_answer, parse_prompt, read_comparisons
+from chatforge.eval.reward_eval import evaluate_reward_model, format_report, reference_pairs
 from chatforge.model.adapters import PROJECTIONS, LoRAConfig, attach_lora
 from chatforge.model.heads import ScalarModel
 from chatforge.tokenizer import Message, Tokenizer
@@ -90,22 +90,23 @@ def encode_comparison(tokenizer: Tokenizer, comparison: Comparison, max_len: int
     return EncodedComparison(seqs, comparison.pairs())
 
 
-def collate_rankings(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.Tensor]:
-    """Every answer of a few prompts in one padded tensor (each answer once), and the ranked pairs among them.
-
-    `better`/`worse` are rows of each pair; `weight` is 1 / (pairs of its prompt x prompts): the weights sum to 1.
-    """
-    seqs: list[list[int]] = []
+def ranked_pairs(items: list[EncodedComparison]) -> dict[str, torch.Tensor]:
+    """The pairs of `items` as rows of their answers stacked in order: `better`/`worse` rows of each pair, and
+    `weight` 1 / (pairs of its prompt x prompts), so each prompt weighs the same and the weights sum to 1."""
     better, worse, weight = [], [], []
+    offset = 0
     for item in items:
-        offset = len(seqs)
-        seqs += item.seqs
         better += [offset + i for i, _ in item.pairs]
         worse += [offset + j for _, j in item.pairs]
         weight += [1.0 / (len(item.pairs) * len(items))] * len(item.pairs)
-    ids, last = pad_right(seqs, pad_id)
-    return {"input_ids": ids, "last": last, "better": torch.tensor(better), "worse": torch.tensor(worse),
-            "weight": torch.tensor(weight), "prompts": torch.tensor(len(items))}
+        offset += len(item.seqs)
+    return {"better": torch.tensor(better), "worse": torch.tensor(worse), "weight": torch.tensor(weight)}
+
+
+def collate_rankings(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.Tensor]:
+    """Every answer of a few prompts in one padded tensor (each answer once), and the ranked pairs among them."""
+    ids, last = pad_right([s for item in items for s in item.seqs], pad_id)
+    return {"input_ids": ids, "last": last, **ranked_pairs(items), "prompts": torch.tensor(len(items))}
 
 
 def ranking_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,9 @@ def sample_answers(engine: Any, prompts: list[list[int]], wanted: list[int], cfg
     answers: list[list[str]] = [[] for _ in prompts]
     seen: list[set[str]] = [set() for _ in prompts]
     duplicates = 0
-    bar = tqdm(total=sum(wanted), desc="collect", unit="answer", disable=not sys.stderr.isatty())
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=sum(wanted), desc="collect", unit="answer", disable=not tty)
+    last_line = time.monotonic()
     for round_ in range(1 + cfg.resample_rounds):
         todo = [i for i in range(len(prompts)) if len(answers[i]) < wanted[i]]
         for start in range(0, len(todo), cfg.batch_size):
@@ -220,6 +223,9 @@ def sample_answers(engine: Any, prompts: list[list[int]], wanted: list[int], cfg
                     seen[i].add(_dedup_key(text))
                     answers[i].append(text)
                     bar.update(1)
+            if not tty and time.monotonic() - last_line > 60:  # logs get one line a minute, not a bar
+                last_line = time.monotonic()
+                print(f"reward collect: {sum(map(len, answers))}/{sum(wanted)} answers", file=sys.stderr, flush=True)
     bar.close()
     return answers, duplicates
 
@@ -245,12 +251,11 @@ def collect(cfg: CollectConfig) -> Path:
     engine = Engine(model.eval(), tokenizer)
     context = model.config.max_position_embeddings
     prompt_ids = []
-    for where, _, messages in records:
-        ids = tokenizer.prompt(messages)
-        if len(ids) + cfg.max_new_tokens > context:
-            raise ChatforgeError(f"{where}: the prompt is {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} "
-                                 f"it exceeds the model's context of {context}")
-        prompt_ids.append(ids)
+    for where, _, messages in records:  # a long conversation loses its oldest turns, as in chat
+        try:
+            prompt_ids.append(fit_messages(tokenizer, messages, context - cfg.max_new_tokens, for_generation=True).ids)
+        except ChatforgeError as e:
+            raise ChatforgeError(f"{where}: {e} (max_new_tokens={cfg.max_new_tokens})") from None
     rng = random.Random(cfg.seed)
     wanted = [rng.randint(cfg.min_answers, cfg.max_answers) for _ in records]
     print(f"reward collect: {len(records)} prompts from {prompts_path}, K = {cfg.min_answers}..{cfg.max_answers} "
@@ -315,7 +320,7 @@ class RewardConfig:
     steps: int = 0                   # overrides epochs when positive
     batch_size: int = 8              # prompts per optimizer step, each with all its ranked answers
     grad_accum: int = 1
-    lr: float = 0.0                  # 0 = the method's default: full 5e-5, lora 1e-3
+    lr: float = 0.0                  # 0 = the method's default: full 3e-4, lora 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -349,7 +354,7 @@ class RewardConfig:
         return self.lr or DEFAULT_LR[self.method]
 
 
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3}
+DEFAULT_LR = {"full": 3e-4, "lora": 1e-3}
 
 
 def reward_model_from(init: str | Path, cfg: RewardConfig) -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
@@ -402,30 +407,10 @@ def reference_sequences(cfg: RewardConfig, init_meta: dict[str, Any], tokenizer:
     return [encode_answer(tokenizer, m, a, context) for m, a in pairs], source
 
 
-def heldout_pairs(comparisons: list[Comparison], labeler: Any) -> list[list[tuple[int, int]]]:
-    """Each held-out prompt's (better, worse) pairs: from the noise-free labeler if given, else from the file."""
-    if labeler is None:
-        return [c.pairs() for c in comparisons]
-    out = []
-    for c in comparisons:
-        tiers = labeler.rank(c.messages, c.answers)
-        order = [i for tier in tiers for i in tier]
-        out.append([(order[i], order[j]) for i, j in ranking_pairs([len(t) for t in tiers])])
-    return out
-
-
 def heldout_metrics(model: torch.nn.Module, items: list[EncodedComparison], pad_id: int) -> dict[str, float]:
     """Held-out ranking loss and pairwise accuracy (the loop's eval_fn)."""
-    seqs = [s for item in items for s in item.seqs]
-    rewards = torch.tensor(score_sequences(model, seqs, pad_id))
-    batch = {"better": [], "worse": [], "weight": []}
-    offset = 0
-    for item in items:
-        batch["better"] += [offset + i for i, _ in item.pairs]
-        batch["worse"] += [offset + j for _, j in item.pairs]
-        batch["weight"] += [1.0 / (len(item.pairs) * len(items))] * len(item.pairs)
-        offset += len(item.seqs)
-    loss, accuracy = ranking_loss(rewards, {k: torch.tensor(v) for k, v in batch.items()})
+    rewards = torch.tensor(score_sequences(model, [s for item in items for s in item.seqs], pad_id))
+    loss, accuracy = ranking_loss(rewards, ranked_pairs(items))
     return {"val_loss": loss.item(), "val_accuracy": accuracy.item()}
 
 
@@ -455,7 +440,6 @@ def reward_saver(tokenizer: Tokenizer, meta: dict[str, Any], reference: list[lis
 def train_reward(cfg: RewardConfig) -> Path:
     """`chatforge reward train`: a reward model from comparisons; returns the checkpoint directory."""
     from chatforge.data.world.labeler import GoldLabeler
-    from chatforge.eval.reward_eval import evaluate_reward_model, format_report
     from chatforge.model.adapters import trainable_parameters, weights_hash
     from chatforge.train.distributed import setup
     cfg.validate()
@@ -481,7 +465,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     labeler = GoldLabeler(disagreement=0.0) if cfg.world else None
     items = [encode_comparison(tokenizer, c, context) for c in train_set]
     heldout_items = [EncodedComparison(encode_comparison(tokenizer, c, context).seqs, pairs)
-                     for c, pairs in zip(heldout, heldout_pairs(heldout, labeler)) if pairs]
+                     for c, pairs in zip(heldout, reference_pairs(heldout, labeler)) if pairs]
     reference, reference_source = reference_sequences(cfg, init_meta, tokenizer, context, train_set)
 
     dist = setup(cfg.device)
@@ -585,7 +569,6 @@ def score_file(cfg: ScoreConfig) -> Path:
 def eval_cli(args: argparse.Namespace) -> None:
     from chatforge.data.world.labeler import GoldLabeler
     from chatforge.device import pick_device
-    from chatforge.eval.reward_eval import evaluate_reward_model, format_report
     if args.threads:
         torch.set_num_threads(args.threads)
     comparisons = read_comparisons(args.data)
