@@ -371,3 +371,50 @@ def test_harmful_output_is_withheld_in_both_modes(server):
 def test_moderation_endpoint_without_a_classifier(plain):
     r = post(plain, {"input": "hello"}, path="/v1/moderations")
     assert r.status_code == 404 and r.json()["error"]["code"] == "moderation_not_configured"
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+def test_serve_command_binds_localhost_and_reads_the_key_from_the_environment(parrot_ckpt, moderation_classifier):
+    import os
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CHATFORGE_API_KEY": "env-key-123", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "serve", str(parrot_ckpt), "--port", str(port),
+                             "--moderation", str(moderation_classifier)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer env-key-123"})
+        assert r.json()["data"][0]["id"] == parrot_ckpt.name
+        assert httpx.get(url + "/health").json()["moderation"] is True
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/" in out and "API keys: required (1)" in out
+    assert "env-key-123" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "/nonexistent/ckpt"], "checkpoint directory not found"),
+    (["serve", "CKPT", "--port", "0"], "--port must be in 1..65535"),
+    (["serve", "CKPT", "--max-queue", "0"], "--max-queue must be at least 1"),
+    (["serve", "CKPT", "--moderation", "/nonexistent"], "not a moderation classifier"),
+])
+def test_serve_command_errors_are_one_line(parrot_ckpt, capsys, args, message):
+    from chatforge.cli import main
+    assert main([str(parrot_ckpt) if a == "CKPT" else a for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,7 +67,6 @@ class Ticket:
         self.loop = loop
         self.cancelled = threading.Event()
         self.dropped: set[int] = set()   # choices the client no longer wants (e.g. moderation stopped them)
-        self.submitted = time.perf_counter()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._open = set(range(request.n))
 
@@ -171,7 +170,6 @@ class SchedulerStats:
     rejected: int = 0
     cancelled: int = 0
     max_rows_in_step: int = 0
-    started: float = field(default_factory=time.time)
 
 
 class Scheduler:
@@ -223,30 +221,31 @@ class Scheduler:
     # --- worker thread ---
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                admitted = self._admit(block=not self._cohorts)
-                if admitted is None:
-                    return
+            while self._admit(block=not self._cohorts):
                 for cohort in list(self._cohorts):
-                    self._step(cohort)
+                    try:
+                        self._step(cohort)
+                    except Exception as e:  # noqa: BLE001 - reported to its clients; the worker keeps serving
+                        self._fail(cohort, e)
                 self._cohorts = [c for c in self._cohorts if not all(r.done for r in c.rows)]
 
-    def _admit(self, block: bool) -> list[Ticket] | None:
-        """Move waiting requests into new cohorts while rows are free. None when closing."""
+    def _admit(self, block: bool) -> bool:
+        """Move waiting requests into new cohorts while rows are free. False when closing."""
         with self._lock:
             if block:
                 while not self._pending and not self._closing:
                     self._lock.wait()
                 if self._closing:
-                    return None
+                    return False
                 # A short window lets requests sent together land in one cohort.
                 deadline = time.monotonic() + self.batch_window
                 while (left := deadline - time.monotonic()) > 0 and len(self._pending) < self.max_batch_rows:
                     self._lock.wait(left)
             if self._closing:
-                return None
+                return False
             free = self.max_batch_rows - sum(1 for c in self._cohorts for r in c.rows if not r.done)
             taken: list[Ticket] = []
+            # In arrival order while rows are free; a request wider than the whole batch runs alone.
             while self._pending and (self._pending[0].request.n <= free or not taken and free == self.max_batch_rows):
                 t = self._pending.popleft()
                 free -= t.request.n
@@ -269,7 +268,7 @@ class Scheduler:
             home.max_tokens = max(home.max_tokens, req.max_tokens)
         for c in fresh:
             self._start(c)
-        return taken
+        return True
 
     def _start(self, cohort: _Cohort) -> None:
         from chatforge.infer.engine import SamplingParams
@@ -292,13 +291,7 @@ class Scheduler:
                 self._drop(cohort, i)
         if all(r.done for r in cohort.rows):
             return
-        try:
-            step: list[tuple[int, int]] | None = next(cohort.stream)
-        except StopIteration:
-            step = None
-        except Exception as e:  # noqa: BLE001
-            self._fail(cohort, e)
-            return
+        step: list[tuple[int, int]] | None = next(cohort.stream, None)
         out: dict[Ticket, list[ChoiceDelta]] = {}
         if step is None:  # the engine ran out of max_new_tokens for every remaining row
             for row in cohort.rows:
