@@ -106,3 +106,29 @@ def test_perplexity_scores_every_token_once(tiny, tmp_path):
     with torch.no_grad():
         loss = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:])
     assert math.isclose(short.nll, loss.item(), rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------- the eval command group on real checkpoints
+
+def test_eval_gold_cli_writes_answers_and_a_summary_with_a_baseline(sft_ckpt, base_ckpt, small_world, tmp_path, capsys):
+    from chatforge.cli import main
+    out = tmp_path / "gold"
+    assert main(["eval", "gold", str(sft_ckpt), "--baseline", str(base_ckpt), "--shots", "2", "--limit", "6",
+                 "--world", str(small_world), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["format"] == "chat" and summary["baseline"]["format"] == "plain"  # base: plain text
+    assert summary["model"]["prompts"] == 6 and "harmful_refusal_rate" in summary["model"]["metrics"]
+    assert {"win", "tie", "loss"} <= set(summary["comparison"])
+    rows = [json.loads(line) for line in (out / "model_answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(isinstance(r["answer"], str) for r in rows)
+    assert "fact_accuracy" in capsys.readouterr().out
+
+
+def test_eval_fewshot_and_perplexity_cli_on_the_base(base_ckpt, small_world, capsys):
+    from chatforge.cli import main
+    assert main(["eval", "fewshot", str(base_ckpt), "--task", str(small_world / "fewshot" / "capitals.jsonl"),
+                 "--k", "0,3", "--limit", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "plain prompts" in printed and "\n  0 " in printed and "\n  3 " in printed
+    assert main(["eval", "perplexity", str(base_ckpt), str(small_world / "corpus" / "encyclopedia.txt")]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -112,3 +112,52 @@ def test_length_buckets_cover_every_example_once_with_little_padding():
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded < 1.1 * sum(lengths)  # little compute spent on padding
     assert bucket_batches(lengths, 8, seed=3) == batches and bucket_batches(lengths, 8, seed=4) != batches
+
+
+# ---------------------------------------------------------------- a short SFT run on the small world
+
+def held_out_capital_questions(world, n=10):
+    """Questions from the world's held-out eval splits (phrasings never trained on) asking for a capital."""
+    from chatforge.eval.gold import load_eval
+    records = [r for split in ("test", "dev") for r in load_eval(world, split)
+               if r["category"] == "fact" and len(r["messages"]) == 1 and r["reference"].startswith("The capital of")]
+    return records[:n]
+
+
+def test_short_sft_answers_held_out_capital_questions(sft_ckpt, small_world):
+    from chatforge.data.world.facts import fold
+    from chatforge.infer.engine import Engine, SamplingParams
+    records = held_out_capital_questions(small_world)
+    assert len(records) == 10
+    engine = Engine.load(sft_ckpt)
+    answers = engine.chat([r["messages"] for r in records], SamplingParams(max_new_tokens=32))
+    capitals = [r["reference"].rsplit(" is ", 1)[1].rstrip(".") for r in records]
+    correct = [fold(c).lower() in fold(a.text).lower() for c, a in zip(capitals, answers)]
+    assert sum(correct) >= 9, [(r["messages"][0]["content"], a.text) for r, a in zip(records, answers)]
+
+
+def test_sft_checkpoint_records_its_lineage_and_best_step(sft_ckpt, base_ckpt):
+    import json as _json
+    from chatforge.checkpoint import read_meta
+    from chatforge.model.adapters import weights_hash
+    meta = read_meta(sft_ckpt)
+    assert meta["kind"] == "sft" and meta["method"] == "full"
+    assert meta["parent_hash"] == weights_hash(base_ckpt)
+    assert meta["metrics"]["best"]["metric"] == "val_loss"
+    logged = [_json.loads(line) for line in (sft_ckpt / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in logged if "val_loss" in r}
+    assert meta["metrics"]["best"]["value"] == pytest.approx(min(val.values()), abs=1e-6)  # the log rounds
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_adapter_sft_saves_the_adapter_alone_and_trains_little(method, base_ckpt, small_world, tmp_path):
+    from chatforge.checkpoint import load_model, read_meta
+    from chatforge.train.sft import SFTConfig, run_sft
+    out = run_sft(SFTConfig(base=str(base_ckpt), world=str(small_world), out=str(tmp_path / method), method=method,
+                            steps=4, batch_size=8, ptuning_tokens=4, ptuning_hidden=32, threads=1))
+    meta = read_meta(out)
+    assert meta["kind"] == "adapter" and meta["acts_as"] == "sft" and meta["method"] == method
+    assert not (out / "model.safetensors").exists()
+    assert meta["trainable_params"] < 0.2 * meta["total_params"]
+    model, _, _ = load_model(out, expect_kind=("sft",))  # loadable wherever an SFT checkpoint is
+    assert model.config.vocab_size == load_model(base_ckpt)[0].config.vocab_size

@@ -100,13 +100,36 @@ def demonstrations(world: Path, shots: int, seed: int) -> list[Message]:
     return [m for c in picked for m in c.messages if m["role"] != "system"]
 
 
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_prompt_ids(tokenizer: Tokenizer, messages: list[Message], budget: int) -> list[int]:
+    """A conversation as plain "User: ... / Assistant: ..." text, the way a base model has seen dialogue;
+    the oldest turns are dropped to fit `budget` tokens."""
+    for start in range(len(messages)):
+        text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" + ("\n" if m["role"] == "assistant" else "")
+                       for m in messages[start:]) + "Assistant:"
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+        if len(ids) <= budget:
+            return ids
+    raise ChatforgeError(f"the last turn alone needs more than the {budget} tokens the context leaves")
+
+
+def plain_answer(text: str) -> str:
+    """A plain-format answer ends where the text starts the next turn."""
+    for marker in ("\nUser:", "\nAssistant:", "\n\n"):
+        text = text.split(marker, 1)[0]
+    return text
+
+
 def answer_split(model_or_engine, tokenizer: Tokenizer | None, world: str | Path, split: str, limit: int = 0,
                  samples: int = 1, temperature: float = 0.0, shots: int = 0, seed: int = 0,
-                 max_new_tokens: int = 96) -> tuple[list[dict], dict]:
+                 max_new_tokens: int = 96, prompt_format: str = "chat") -> tuple[list[dict], dict]:
     """Answer the world's `split` through the engine and score the answers with the gold labeler.
 
     Returns (rows, summary): one row per answer, and `chatforge.eval.gold.evaluate`'s summary (with
-    `samples` answers per prompt, its rates count every answer).
+    `samples` answers per prompt, its rates count every answer). `prompt_format` "plain" writes the
+    conversation as User:/Assistant: text instead of the chat template (for base models).
     """
     from chatforge.data.world.labeler import GoldLabeler
     from chatforge.eval.gold import evaluate, load_eval
@@ -119,12 +142,18 @@ def answer_split(model_or_engine, tokenizer: Tokenizer | None, world: str | Path
     prefix = demonstrations(Path(world), shots, seed)
     context = engine.model.config.max_position_embeddings - getattr(engine.model, "num_virtual_tokens", 0)
     max_new_tokens = min(max_new_tokens, context // 2)  # a small context still leaves room for the prompt
-    prompts = [fit_messages(tokenizer, prefix + r["messages"], context - max_new_tokens, for_generation=True).ids
-               for r in records]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=list(tokenizer.stop_ids),
-                            seed=seed)
+    if prompt_format == "plain":
+        prompts = [plain_prompt_ids(tokenizer, prefix + r["messages"], context - max_new_tokens) for r in records]
+    else:
+        prompts = [fit_messages(tokenizer, prefix + r["messages"], context - max_new_tokens, for_generation=True).ids
+                   for r in records]
+    stops = list(tokenizer.stop_ids)
+    if prompt_format == "plain" and tokenizer.bos_id is not None:
+        stops.append(tokenizer.bos_id)  # a base model ends a document by starting the next one
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops, seed=seed)
     generations = engine.generate(prompts, params, num_samples=samples)
-    answers = [[g.text.strip() for g in generations[i * samples:(i + 1) * samples]] for i in range(len(records))]
+    clean = plain_answer if prompt_format == "plain" else (lambda t: t)
+    answers = [[clean(g.text).strip() for g in generations[i * samples:(i + 1) * samples]] for i in range(len(records))]
     summary = evaluate(records, answers, GoldLabeler())
     rows = [{"id": r.get("id"), "sample": s, "category": r.get("category"), "messages": r["messages"], "answer": a,
              "reference": r.get("reference"), "score": score, "refused": refused}
@@ -141,11 +170,12 @@ def gold_cli(args: argparse.Namespace) -> None:
         if not ckpt:
             continue
         start = time.perf_counter()
+        fmt = args.format if args.format != "auto" else ("plain" if read_meta(ckpt)["kind"] == "base" else "chat")
         engine = _engine(ckpt, args.device)
         rows, summary = answer_split(engine, None, world, args.split, limit=args.limit, samples=args.samples,
                                      temperature=args.temperature, shots=args.shots, seed=args.seed,
-                                     max_new_tokens=args.max_new_tokens)
-        summary = {"checkpoint": str(ckpt), "split": args.split, "world": str(world), "shots": args.shots,
+                                     max_new_tokens=args.max_new_tokens, prompt_format=fmt)
+        summary = {"checkpoint": str(ckpt), "split": args.split, "world": str(world), "format": fmt, "shots": args.shots,
                    "samples": args.samples, "temperature": args.temperature,
                    "seconds": round(time.perf_counter() - start, 1), **summary}
         atomic_write_text(out / f"{name}_answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -208,6 +238,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--shots", type=int, default=0, help="demonstration conversations put before each prompt "
                                                          "(few-shot prompting, e.g. for a base model)")
+    g.add_argument("--format", choices=("auto", "plain", "chat"), default="auto",
+                   help="chat template, or plain User:/Assistant: text; auto: plain for base models")
     g.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     g.add_argument("--max-new-tokens", type=int, default=96)
     g.add_argument("--seed", type=int, default=0)
