@@ -93,37 +93,42 @@ def small_world(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def base_ckpt(small_world, tmp_path_factory) -> Path:
-    """A nano GPT pretrained on the small world's corpus (vocabulary 1024, context 128): it has read the
-    capitals but never seen a conversation."""
+def _one_thread(fn):
+    """Run `fn` on one torch thread: faster than two on a shared two-core machine."""
     import torch
-    from chatforge.train.pretrain import PretrainConfig, pretrain
-    out = tmp_path_factory.mktemp("models") / "base"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faster than two threads on a shared 2-core machine
+    torch.set_num_threads(1)
     try:
-        pretrain(PretrainConfig(data=[str(small_world / "corpus")], preset="nano", vocab_size=1024, context=128,
-                                steps=500, batch_size=16, lr=4e-3, warmup_steps=20, weight_decay=0.0,
-                                eval_every=0, save_every=10_000, log_every=50), out)
+        return fn()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(small_world, tmp_path_factory) -> Path:
+    """A nano GPT (kind "base", vocabulary 1024, context 128) pretrained on the small world's encyclopedia:
+    it completes "The capital of Peru is" but has never seen a conversation."""
+    from chatforge.train.pretrain import PretrainConfig, pretrain
+    out = tmp_path_factory.mktemp("models") / "base"
+    cfg = PretrainConfig(data=[str(small_world / "corpus" / "encyclopedia.txt")], preset="nano", vocab_size=1024,
+                         context=128, steps=450, batch_size=16, lr=6e-3, warmup_steps=20, weight_decay=0.0,
+                         eval_every=0, save_every=10_000, log_every=50)
+    _one_thread(lambda: pretrain(cfg, out))
     return out
 
 
 @pytest.fixture(scope="session")
 def sft_ckpt(base_ckpt, small_world, tmp_path_factory) -> Path:
-    """base_ckpt fully fine-tuned on the small world's demonstrations (kind "sft"): it answers in turns."""
-    import torch
+    """base_ckpt fully fine-tuned (kind "sft") for 2 epochs on the demonstrations of a default-size world
+    (same seed, so the small world's eval phrasings stay held out): it answers in turns."""
+    from chatforge.data.world.generate import generate_world
     from chatforge.train.sft import SFTConfig, run_sft
-    out = tmp_path_factory.mktemp("models") / "sft"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_sft(SFTConfig(base=str(base_ckpt), world=str(small_world), out=str(out), method="full",
-                                 epochs=6, batch_size=16, lr=2e-3, warmup_steps=10, val_fraction=0.05))
-    finally:
-        torch.set_num_threads(threads)
+    root = tmp_path_factory.mktemp("models")
+    demos = root / "world_default"
+    generate_world(demos, "default", seed=0)
+    cfg = SFTConfig(base=str(base_ckpt), data=[str(demos / "sft.jsonl")], world=str(small_world), out=str(root / "sft"),
+                    method="full", epochs=2, batch_size=16, lr=2.5e-3, warmup_steps=10, val_fraction=0.02)
+    return _one_thread(lambda: run_sft(cfg))
 
 
 # --- reward model toy (tests/reward_toy.py): used by test_reward.py and test_elo.py ---
