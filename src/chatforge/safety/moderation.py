@@ -378,7 +378,7 @@ def _train_cli(args: argparse.Namespace) -> None:
     heldout = [e for p in heldout_paths for e in read_examples(p, other_categories_benign=True)] or None
     cats = sorted({c for e in examples for c in e.labels})
     print(f"moderation: {len(examples)} prompts from {data} ({sum(bool(e.labels) for e in examples)} harmful; "
-          f"categories {', '.join(cats)}); bag of {cfg.buckets} hashed n-grams x {cfg.dim} dims, {cfg.steps} steps")
+          f"categories {', '.join(cats)}); bag of words and word pairs hashed into {cfg.buckets} x {cfg.dim}, {cfg.steps} steps")
     moderator, metrics = train_and_report(examples, heldout, cfg)
     moderator.info["data"] = str(data)
     moderator.info["heldout"] = [str(p) for p in heldout_paths]

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from fastapi import APIRouter, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from chatforge import ChatforgeError
 from chatforge.safety import REFUSAL, ModerationResult
 from chatforge.serve.app import APIError, ServeSettings
 from chatforge.serve.scheduler import ChoiceDelta, GenerationFailed, GenerationRequest, QueueFull, Ticket
@@ -385,7 +387,10 @@ def openai_router() -> APIRouter:
     async def chat_completions(req: ChatRequest, request: Request):
         state = request.app.state
         messages = chat_messages(req, state.settings)
-        prompt = state.scheduler.tokenizer.prompt(messages)
+        try:
+            prompt = state.scheduler.tokenizer.prompt(messages)
+        except (ChatforgeError, TemplateError) as e:  # an imported model's template can refuse a conversation
+            raise APIError(400, f"messages: the model's chat template rejected them ({e})", param="messages") from None
         asked = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         max_tokens, gen = sampling(req, [len(prompt)], state.scheduler.context_length, state.settings, None, asked)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
