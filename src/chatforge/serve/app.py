@@ -1,7 +1,7 @@
 """The ASGI app: OpenAI-compatible API, web chat, health, built from routers so more can be added.
 
-    app = create_app(Scheduler(engine), ServeSettings(model_name="sft"), moderator=None)
-    app.include_router(another_router)      # e.g. the labelling pages
+    app = create_app(Scheduler(engine), ServeSettings(model_name="sft"), moderator=None,
+                     routers=(feedback_router(store),))      # more pages, e.g. the labelling app
 
 Every error, from a malformed body to an over-long prompt, answers with OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}` naming the offending field. API keys and the body-size
