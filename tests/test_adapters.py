@@ -187,3 +187,30 @@ def test_ptuned_model_generates_through_the_engine_as_without_cache():
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert gen.ids == ids[len(prompt):]
+
+
+def test_trainable_token_rows_change_alone_and_are_saved_with_the_adapter(base_dirs, tmp_path):
+    from chatforge.model.adapters import chat_token_ids, train_token_rows
+    tok, (base, _) = base_dirs
+    model = attach_ptuning(load_model(base)[0], PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16))
+    ids_to_train = chat_token_ids(tok)
+    train_token_rows(model, ids_to_train)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    x = torch.tensor([tok.render([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])[0]])
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x[:, :-1])[0], x[0, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    emb = model.model.embed_tokens.weight
+    changed = (emb != before["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(ids_to_train)  # only the chat tokens' rows moved
+    for n, p in model.named_parameters():
+        if not n.startswith(("prompt_encoder.", "model.embed_tokens.")):
+            assert torch.equal(p, before[n]), n
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    out = save_adapter_checkpoint(tmp_path / "adapter", model, tok, base, {"stage": "sft"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)[0](x), expected, atol=1e-5, rtol=1e-4)

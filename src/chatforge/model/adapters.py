@@ -239,6 +239,37 @@ def attach_ptuning(model: GPT, cfg: PTuningConfig, seed: int = 0) -> PromptTuned
     return PromptTunedGPT(model, cfg, seed)
 
 
+# ---------------------------------------------------------------- new tokens
+
+TOKEN_ROWS = "model.embed_tokens.trainable_token_rows"  # saved rows of the embedding (tied: the LM head too)
+
+
+def train_token_rows(model: GPT, token_ids: list[int]) -> GPT:
+    """Also train the embedding rows of `token_ids`, the rest of the embedding staying frozen.
+
+    A base model has never seen the chat template's special tokens: their rows are still random, and a
+    frozen model cannot learn to emit <|end|>. PEFT calls this trainable_token_indices. The rows that
+    get no gradient keep exactly their values under AdamW (zero moments, and SFT's adapters use no decay).
+    """
+    ids = sorted({int(i) for i in token_ids})
+    emb = model.model.embed_tokens.weight
+    if not ids or min(ids) < 0 or max(ids) >= emb.shape[0]:
+        raise ChatforgeError(f"trainable token ids {ids} are not in the vocabulary of {emb.shape[0]}")
+    rows = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+    rows[ids] = 1
+    emb.requires_grad_(True)
+    emb.register_hook(lambda grad: grad * rows)
+    model.trainable_token_ids = ids
+    return model
+
+
+def chat_token_ids(tokenizer: Any) -> list[int]:
+    """The chat template's special tokens (roles and end of turn) and the stop tokens."""
+    from chatforge.tokenizer import END, ROLE_TOKENS
+    found = [tokenizer.tok.token_to_id(t) for t in (*ROLE_TOKENS.values(), END)]
+    return sorted({i for i in found if i is not None} | set(tokenizer.stop_ids))
+
+
 # ---------------------------------------------------------------- switching, counting
 
 @contextmanager
@@ -271,16 +302,21 @@ def adapter_method(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------- files
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors alone, with PEFT's names."""
-    return {PEFT_PREFIX + k: v.detach() for k, v in model.state_dict().items()
-            if ".lora_A." in k or ".lora_B." in k or k.startswith("prompt_encoder.")}
+    """The adapter's tensors alone, with PEFT's names (plus trained token rows, if any)."""
+    state = {PEFT_PREFIX + k: v.detach() for k, v in model.state_dict().items()
+             if ".lora_A." in k or ".lora_B." in k or k.startswith("prompt_encoder.")}
+    ids = getattr(model, "trainable_token_ids", None)
+    if ids:
+        state[PEFT_PREFIX + TOKEN_ROWS] = model.model.embed_tokens.weight.detach()[ids]
+    return state
 
 
 def adapter_config(model: nn.Module, base_dir: Path, base_hash: str, adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json: PEFT's keys plus the base checkpoint's path (relative when possible) and hash."""
     base_dir, adapter_dir = Path(base_dir).resolve(), Path(adapter_dir).resolve()
     common = {"base_model_name_or_path": os.path.relpath(base_dir, adapter_dir), "base_abspath": str(base_dir),
-              "base_weights_hash": base_hash, "task_type": "CAUSAL_LM"}
+              "base_weights_hash": base_hash, "task_type": "CAUSAL_LM",
+              "trainable_token_indices": list(getattr(model, "trainable_token_ids", None) or [])}
     if isinstance(model, PromptTunedGPT):
         p = model.ptuning
         return {"peft_type": "P_TUNING", "num_virtual_tokens": p.num_virtual_tokens,
@@ -333,14 +369,21 @@ def apply_adapter(model: GPT, adapter_dir: Path, base_dir: Path, base_hash: str,
                            encoder=str(cfg["encoder_reparameterization_type"]).lower(),
                            encoder_hidden_size=int(cfg["encoder_hidden_size"]))
         model = attach_ptuning(model, pt)
+    token_ids = [int(i) for i in cfg.get("trainable_token_indices") or []]
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
-    expected = {k.removeprefix(PEFT_PREFIX) for k in adapter_state(model)}
+    expected = {k.removeprefix(PEFT_PREFIX) for k in adapter_state(model)} | ({TOKEN_ROWS} if token_ids else set())
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)[0]
         raise ChatforgeError(f"{weights}: tensor {odd} does not match adapter_config.json")
     ref = next(model.parameters())
+    rows = tensors.pop(TOKEN_ROWS, None)
     model.load_state_dict({k: v.to(ref.device) for k, v in tensors.items()}, strict=False)
+    if rows is not None:
+        if rows.shape[0] != len(token_ids):
+            raise ChatforgeError(f"{weights}: {rows.shape[0]} token rows for {len(token_ids)} trainable_token_indices")
+        with torch.no_grad():
+            model.model.embed_tokens.weight[token_ids] = rows.to(ref.device, ref.dtype)
     if merge and cfg["peft_type"] == "LORA":
         model = merge_lora(model)
     model.requires_grad_(False)

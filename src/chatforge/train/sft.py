@@ -29,8 +29,9 @@ from chatforge import ChatforgeError
 from chatforge.checkpoint import file_hash, load_model, read_meta, resolve
 from chatforge.config import add_config_args, config_from_args
 from chatforge.data.chat import (IGNORE, Example, bucket_batches, collate, encode_conversations, read_conversations)
-from chatforge.model.adapters import (PROJECTIONS, LoRAConfig, PromptTunedGPT, PTuningConfig, attach_lora,
-                                      attach_ptuning, save_adapter_checkpoint, trainable_parameters, weights_hash)
+from chatforge.model.adapters import (PROJECTIONS, LoRAConfig, PromptTunedGPT, PTuningConfig, adapter_state,
+                                      attach_lora, attach_ptuning, chat_token_ids, save_adapter_checkpoint,
+                                      train_token_rows, trainable_parameters, weights_hash)
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, checkpoint_saver, resume_fingerprint, train
 
@@ -57,6 +58,7 @@ class SFTConfig:
     ptuning_tokens: int = 20
     ptuning_encoder: str = "mlp"     # mlp | lstm
     ptuning_hidden: int = 256
+    train_chat_tokens: bool = True   # LoRA/P-tuning also learn the chat tokens' embedding rows (new to a base)
     # training (the shared loop's settings)
     epochs: float = 3.0              # used when steps is 0
     steps: int = 0
@@ -104,13 +106,25 @@ class SFTConfig:
 
 # ---------------------------------------------------------------- model and data
 
-def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: SFTConfig, tokenizer: Tokenizer) -> nn.Module:
     """The model with what this method trains made trainable (and everything else frozen)."""
-    if cfg.method == "lora":
-        return attach_lora(model, cfg.lora())
-    if cfg.method == "ptuning":
-        return attach_ptuning(model, cfg.ptuning(), seed=cfg.seed)
-    return model.requires_grad_(True)
+    if cfg.method == "full":
+        return model.requires_grad_(True)
+    model = attach_lora(model, cfg.lora()) if cfg.method == "lora" else attach_ptuning(model, cfg.ptuning(), cfg.seed)
+    if cfg.train_chat_tokens:
+        model = train_token_rows(model, chat_token_ids(tokenizer))
+    return model
+
+
+def param_groups(model: nn.Module, cfg: SFTConfig) -> list[dict[str, Any]]:
+    """Trainable parameters; an embedding trained only in some rows gets no weight decay (frozen rows stay)."""
+    emb = model.model.embed_tokens.weight
+    rest = [p for p in model.parameters() if p.requires_grad and p is not emb]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if emb.requires_grad:
+        groups.append({"params": [emb], "weight_decay": cfg.weight_decay if cfg.method == "full" else 0.0})
+    return [g for g in groups if g["params"]]
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -205,8 +219,10 @@ def run_sft(cfg: SFTConfig) -> Path:
     model, tokenizer, _ = load_model(base)
     if cfg.method == "full" and isinstance(model, PromptTunedGPT):
         raise ChatforgeError(f"{base}: full fine-tuning of a P-tuned checkpoint is not supported; use its base")
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg, tokenizer)
     trainable, total = trainable_parameters(model)
+    if cfg.method != "full":  # an embedding trained in a few rows counts those rows
+        trainable = sum(t.numel() for t in adapter_state(model).values())
     virtual = cfg.ptuning_tokens if cfg.method == "ptuning" else 0
     context = min(cfg.context or model.config.max_position_embeddings, model.config.max_position_embeddings) - virtual
 
@@ -259,9 +275,9 @@ def run_sft(cfg: SFTConfig) -> Path:
                                     state=state, metrics_from=out / "metrics.jsonl")
 
     fingerprint = resume_fingerprint(tcfg, method=cfg.method, base=weights_hash(base), lora=asdict(cfg.lora()),
-                                     ptuning=asdict(cfg.ptuning()), context=context, select=cfg.select,
-                                     data=[file_hash(p) for p in data], val_data=cfg.val_data and file_hash(cfg.val_data),
-                                     val_fraction=cfg.val_fraction)
+                                     ptuning=asdict(cfg.ptuning()), chat_tokens=cfg.train_chat_tokens, context=context,
+                                     select=cfg.select, data=[file_hash(p) for p in data],
+                                     val_data=cfg.val_data and file_hash(cfg.val_data), val_fraction=cfg.val_fraction)
     if dist.is_main:
         where = f"{len(val)} held out" + (f" from {cfg.val_data}" if cfg.val_data else f" ({cfg.val_fraction:.0%})")
         print(f"sft: {cfg.method} fine-tuning of {base} ({total / 1e6:.2f}M params, {trainable:,} trained = "
@@ -271,7 +287,7 @@ def run_sft(cfg: SFTConfig) -> Path:
               f"sft: {steps} steps ({steps / steps_per_epoch:.1f} epochs of {steps_per_epoch}), best step by "
               f"{tcfg.best_metric} -> {cfg.out}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    summary = train(model, [p for p in model.parameters() if p.requires_grad], sft_loss, batches, cfg.out, tcfg,
+    summary = train(model, param_groups(model, cfg), sft_loss, batches, cfg.out, tcfg,
                     save_fn=save_fn, eval_fn=evaluate if tcfg.keep == "best" else None, weight_fn=loss_tokens,
                     resume=cfg.resume, fingerprint=fingerprint, flops_per_token=model.config.flops_per_token(context),
                     desc=f"sft {cfg.method}")
