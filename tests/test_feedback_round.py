@@ -83,3 +83,19 @@ def test_one_simulated_round_improves_on_chance_and_reports_its_numbers(sft_ckpt
         run_round(RoundConfig(**{**cfg.__dict__, "round": 1}))
     with pytest.raises(ChatforgeError, match="no new comparisons"):
         run_round(cfg)
+
+
+def test_held_out_prompts_stay_out_of_training_whatever_file_they_come_from(tmp_path):
+    from chatforge.feedback.rounds import fixed_heldout, prompt_key, training_comparisons
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}], "responses": [f"a{i}", f"b{i}"], "task": i}
+               for i in range(10)]
+    cfg = RoundConfig(run=str(tmp_path), world="w", heldout_fraction=0.3)
+    heldout = fixed_heldout(cfg, records)
+    held = {prompt_key(json.loads(line)["messages"]) for line in heldout.read_text().splitlines()}
+    assert len(held) == 3
+    assert fixed_heldout(cfg, records[:4]).read_text() == heldout.read_text()  # chosen once, kept for every round
+    extra = tmp_path / "collect.jsonl"  # earlier rankings, in the "prompt" form, on every prompt
+    extra.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "x", "rejected": "y"}) + "\n"
+                             for i in range(10)))
+    train = training_comparisons(RoundConfig(**{**cfg.__dict__, "extra_comparisons": [str(extra)]}), records, held)
+    assert len(train) == 14 and not {prompt_key(r["messages"]) for r in train} & held

@@ -1,23 +1,28 @@
 """Iterated RLHF rounds on human feedback: retrain the reward model as comparisons come in, continue PPO,
 and check that each round's policy beats the last (Anthropic's weekly "online" rounds; InstructGPT too).
 
-    chatforge feedback round --run runs/demo --world world         (the next round; `chatforge run --round N`)
+    chatforge feedback round --run runs/demo --world world         (the next round)
 
 Round N writes runs/<run>/rounds/round-N/:
-  1. comparisons.jsonl  every comparison in the feedback store so far, less the fixed held-out prompts
+  1. comparisons.jsonl  every comparison in the feedback store so far (and in --extra-comparisons), less
+                        those on the fixed held-out prompts
   2. reward/            a reward model trained from the SFT model on them (retrained, not fine-tuned: the
                         comparisons of all rounds together, as InstructGPT did)
-  3. ppo/               PPO continued from the current policy (round N-1's, or the SFT model for round 1)
+  3. ppo/               PPO continued from the current policy: round N-1's; for round 1, --policy (default
+                        the run's ppo/ if there is one, else the SFT model), which is "round 0"
   4. answers.json       the new policy's greedy answers to the evaluation prompts
   5. round.json         written last, so a round with it is done and never rerun: the reward model's held-out
                         accuracy (and the previous one's on the same comparisons), the new policy's score and
                         its paired difference with the previous policy (95% bootstrap interval), the
-                        comparisons used (new since the last round / in all)
-and updates rounds/elo.json and rounds/report.md: the Elo of every round's policy (round 0 = the SFT model)
-from pairwise judgements of their answers to the same prompts. In the tiny world the judge is the gold
-labeler; elsewhere it is the newest reward model. A stage whose checkpoint is complete is not redone
-when a crashed round is restarted. Optionally the round ends by queueing ranking tasks sampled from the
-new policy, so labelers have the next round's work.
+                        comparisons used (new since the last round, trained on)
+and updates rounds/elo.json and rounds/report.md: the Elo of every round's policy from pairwise judgements
+of their answers to the same prompts. In the tiny world the judge is the gold labeler; elsewhere it is the
+newest reward model. A stage whose checkpoint is complete is not redone when a crashed round is restarted.
+Optionally the round ends by queueing ranking tasks sampled from the new policy, so labelers have the next
+round's work.
+
+A run of `chatforge run` has the layout this expects (<run>/sft, <run>/ppo, and <run>/collect/rankings.jsonl
+to pass as --extra-comparisons), so `chatforge feedback round --run runs/<name> --world ...` continues it.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ from chatforge.tokenizer import Message
 class RoundConfig:
     run: str = "runs/default"        # the run directory: its rounds/ (and feedback.db by default)
     db: str = ""                     # the feedback store; default <run>/feedback.db
-    sft: str = ""                    # the SFT checkpoint: reward model init and round 0; default <run>/sft
+    sft: str = ""                    # the SFT checkpoint: reward model init; default <run>/sft
+    policy: str = ""                 # round 0, which round 1 continues: default <run>/ppo if complete, else sft
     world: str = ""                  # tiny world: gold judge, PPO and evaluation prompts by default
     round: int = 0                   # which round to run; 0 = the next one
     ppo_prompts: str = ""            # default <world>/prompts/ppo.jsonl
@@ -51,7 +57,8 @@ class RoundConfig:
     eval_limit: int = 150
     heldout: str = ""                # held-out comparisons; default: heldout_fraction of round 1's prompts, kept
     heldout_fraction: float = 0.2
-    extra_comparisons: list[str] = field(default_factory=list)  # earlier comparison files trained on too
+    extra_comparisons: list[str] = field(default_factory=list)  # earlier comparison files (e.g. `reward collect`
+                                                                 # output) trained on too, held-out prompts left out
     reward_epochs: float = 2.0       # small world, 72 comparisons: 2 x 1e-4 reached 71% held out, 1 x 5e-5 54%
     reward_lr: float = 1e-4
     reward_batch_size: int = 8
@@ -135,6 +142,18 @@ def fitting_prompts(path: str | Path, checkpoint: Path, max_new_tokens: int, out
     return out, total - len(kept)
 
 
+def training_comparisons(cfg: RoundConfig, records: list[dict[str, Any]], held: set[str]) -> list[dict[str, Any]]:
+    """The extra comparison files' records and the store's, less any on a held-out prompt."""
+    from chatforge.data.preferences import iter_jsonl, parse_prompt
+    extra = []
+    for path in cfg.extra_comparisons:
+        for where, record in iter_jsonl(path):
+            messages = parse_prompt(record, where)
+            rest = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
+            extra.append({"messages": messages, **rest})
+    return [r for r in extra + records if prompt_key(r["messages"]) not in held]
+
+
 def eval_conversations(cfg: RoundConfig) -> tuple[list[list[Message]], list[dict[str, Any]] | None]:
     """The evaluation prompts, and the world's records (for the gold labeler) when judged in the tiny world."""
     if cfg.eval_prompts:
@@ -213,11 +232,11 @@ def heldout_accuracy(reward_model: Path, heldout: Path, gold: bool, device: str 
             "prompts": len(counts), "ci_low": float(low), "ci_high": float(high)}
 
 
-def update_elo(cfg: RoundConfig, conversations: list[list[Message]], judge: str, sft: Path,
+def update_elo(cfg: RoundConfig, conversations: list[list[Message]], judge: str, start: Path,
                rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Elo of round 0 (SFT) and every finished round's policy, on the same prompts, from cached answers."""
+    """Elo of round 0 (the starting policy) and every round's policy, on the same prompts, from cached answers."""
     from chatforge.eval.elo import elo_ratings, judge_games
-    players = [("round-0", sft, Path(cfg.run) / "rounds" / "round-0" / "answers.json")]
+    players = [("round-0", start, Path(cfg.run) / "rounds" / "round-0" / "answers.json")]
     players += [(f"round-{r['round']}", Path(r["policy"]), round_dir(cfg, r["round"]) / "answers.json")
                 for r in rounds]
     answers = [policy_answers(ckpt, conversations, cache, cfg) for _, ckpt, cache in players]
@@ -238,7 +257,7 @@ def write_report(cfg: RoundConfig, rounds: list[dict[str, Any]], ratings: list[d
              "| round | comparisons: new, trained on | reward held-out accuracy (95% CI) | score "
              "| vs previous round (95% CI) | Elo (95% CI) |", "|---|---|---|---|---|---|"]
     r0 = elo["round-0"]
-    lines.append(f"| 0 (SFT) | | | {rounds[0]['previous_score']:.3f} | | "
+    lines.append(f"| 0 ({Path(rounds[0]['previous_policy']).name}) | | | {rounds[0]['previous_score']:.3f} | | "
                  f"{r0['elo']:.0f} ({r0['low']:.0f}..{r0['high']:.0f}) |")
     for r in rounds:
         e, d = elo[f"round-{r['round']}"], r["difference"]
@@ -270,7 +289,11 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     sft = Path(cfg.sft or Path(cfg.run) / "sft")
     if not is_complete(sft):
         raise ChatforgeError(f"{sft}: no SFT checkpoint (give --sft)")
-    policy = Path(rounds[-1]["policy"]) if rounds else sft
+    run_ppo_dir = Path(cfg.run) / "ppo"
+    first_policy = Path(cfg.policy) if cfg.policy else (run_ppo_dir if is_complete(run_ppo_dir) else sft)
+    if not is_complete(first_policy):
+        raise ChatforgeError(f"{first_policy}: no policy checkpoint to start from (give --policy)")
+    policy = Path(rounds[-1]["policy"]) if rounds else first_policy
     out = round_dir(cfg, n)
     start = time.time()
     store = FeedbackStore.open(cfg.db or Path(cfg.run) / "feedback.db")
@@ -286,16 +309,16 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
                              "(the labeling app, or `chatforge feedback simulate`)")
     heldout = fixed_heldout(cfg, records)
     held = {prompt_key(json.loads(line)["messages"]) for line in heldout.read_text().splitlines() if line.strip()}
-    train = [r for r in records if prompt_key(r["messages"]) not in held]
+    train = training_comparisons(cfg, records, held)
     atomic_write_text(out / "comparisons.jsonl", to_jsonl(train))
-    print(f"round {n}: {len(train)} comparisons to train on ({new} new since round {n - 1}; "
-          f"{len(records) - len(train)} on held-out prompts set apart in {heldout}), policy {policy}",
-          file=sys.stderr, flush=True)
+    print(f"round {n}: {len(train)} comparisons to train on ({new} new since round {n - 1}, "
+          f"{len(cfg.extra_comparisons)} earlier file(s); those on the held-out prompts of {heldout} set apart), "
+          f"policy {policy}", file=sys.stderr, flush=True)
 
     # 2. the reward model, retrained on everything so far
     reward = out / "reward"
     if not is_complete(reward):
-        train_reward(RewardConfig(init=str(sft), data=[*cfg.extra_comparisons, str(out / "comparisons.jsonl")],
+        train_reward(RewardConfig(init=str(sft), data=[str(out / "comparisons.jsonl")],
                                   heldout=str(heldout), world=cfg.world, out=str(reward), epochs=cfg.reward_epochs,
                                   lr=cfg.reward_lr, batch_size=cfg.reward_batch_size, seed=cfg.seed + n,
                                   device=cfg.device, threads=cfg.threads))
@@ -338,7 +361,8 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     }
 
     # 5. the Elo table across rounds, then the round is marked done
-    ratings = update_elo(cfg, conversations, "gold" if gold else str(reward), sft, rounds + [summary])
+    ratings = update_elo(cfg, conversations, "gold" if gold else str(reward), first_policy,
+                         rounds + [summary])
     summary["elo"] = {r["name"]: r["elo"] for r in ratings}
     atomic_write_text(out / "round.json", json.dumps(summary, indent=2) + "\n")
     report = write_report(cfg, rounds + [summary], ratings)
