@@ -132,3 +132,10 @@ def test_eval_fewshot_and_perplexity_cli_on_the_base(base_ckpt, small_world, cap
     assert "plain prompts" in printed and "\n  0 " in printed and "\n  3 " in printed
     assert main(["eval", "perplexity", str(base_ckpt), str(small_world / "corpus" / "encyclopedia.txt")]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_mentioning_the_answer_is_counted_apart_from_exact_answers():
+    from chatforge.eval.fewshot import mentions_answer
+    item = Item("Capital of Kenya?", ["Nairobi"])
+    assert mentions_answer("The capital of Kenya is Nairobi.", item) and not is_correct("The capital of Kenya is Nairobi.", item)
+    assert not mentions_answer("Nairobian food is good", item)

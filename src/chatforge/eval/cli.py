@@ -52,11 +52,11 @@ def fewshot_cli(args: argparse.Namespace) -> None:
                               max_new_tokens=args.max_new_tokens)
     print(f"few-shot {args.task} on {args.checkpoint} ({kind}, {fmt} prompts, {len(items)} items, "
           f"{time.perf_counter() - start:.0f}s)")
-    print(f"{'k':>3}  {'accuracy':>8}  correct")
+    print(f"{'k':>3}  {'accuracy':>8}  {'correct':>7}  mentions the answer")
     for k in ks:
         r = result["k"][k]
         note = f"  ({r['fewer_examples']} prompts had fewer examples to fit the context)" if r["fewer_examples"] else ""
-        print(f"{k:>3}  {100 * r['accuracy']:7.1f}%  {r['correct']}/{len(items)}{note}")
+        print(f"{k:>3}  {100 * r['accuracy']:7.1f}%  {r['correct']:>7}  {100 * r['mentions_answer']:5.1f}%{note}")
     if args.out:
         _write_json(Path(args.out), {"checkpoint": args.checkpoint, "task": args.task, **result})
         print(f"predictions: {args.out}")

@@ -4,7 +4,8 @@ A task is JSONL, one item a line:
     {"question": "...", "answer": "..." | ["...", "..."]}                 open answer (any listed is right)
     {"question": "...", "choices": ["...", ...], "answer": 2 | "..."}      multiple choice
 Open answers are generated greedily through the engine until the end of the line and compared after
-normalisation (case, accents, surrounding punctuation); multiple choice picks the choice with the highest
+normalisation (case, accents, surrounding punctuation), and also counted when the line merely mentions
+an accepted answer (knowledge without the shown form); multiple choice picks the choice with the highest
 mean log-probability per token. The examples for an item are drawn from the other items (or --examples),
 the same first examples at every k, so accuracy can only differ by how many are shown.
 
@@ -78,8 +79,15 @@ def normalize(text: str) -> str:
 
 
 def is_correct(prediction: str, item: Item) -> bool:
+    """Exact match of the first line: the answer, and only the answer, as the examples show it."""
     got = normalize(prediction.split("\n")[0])
     return any(got == normalize(a) for a in item.answers)
+
+
+def mentions_answer(prediction: str, item: Item) -> bool:
+    """The first line contains an accepted answer (knowledge, whatever the form)."""
+    got = f" {normalize(prediction.split(chr(10))[0])} "
+    return any(re.search(rf"(?<!\w){re.escape(normalize(a))}(?!\w)", got) for a in item.answers)
 
 
 # ---------------------------------------------------------------- prompts
@@ -140,7 +148,9 @@ def evaluate_fewshot(engine, items: list[Item], ks: list[int], fmt: str = "plain
     model, tokenizer = engine.model, engine.tokenizer
     context = model.config.max_position_embeddings
     shots = choose_examples(items, pool or items, max(ks), seed, same_pool=pool is None)
-    stops = (newline_ids(tokenizer) if fmt == "plain" else []) + list(tokenizer.stop_ids)
+    stops = list(tokenizer.stop_ids)
+    if fmt == "plain":  # the end of the line, or of the document (a base model starts the next with BOS)
+        stops += newline_ids(tokenizer) + ([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stops)
     results: dict = {"format": fmt, "items": len(items), "k": {}}
     for k in ks:
@@ -149,14 +159,16 @@ def evaluate_fewshot(engine, items: list[Item], ks: list[int], fmt: str = "plain
             ids, used = _prompt_ids(tokenizer, examples[:k], item, fmt, context - max_new_tokens)
             fewer += used < k
             prompts.append(ids)
-        correct, records = 0, []
+        correct, mentioned, records = 0, 0, []
         if items[0].choices is None:
             for start in range(0, len(prompts), batch_size):
                 gens = engine.generate(prompts[start:start + batch_size], params)
                 for item, gen in zip(items[start:start + batch_size], gens):
-                    ok = is_correct(gen.text, item)
+                    ok, knows = is_correct(gen.text, item), mentions_answer(gen.text, item)
                     correct += ok
-                    records.append({"question": item.question, "prediction": gen.text.strip(), "correct": ok})
+                    mentioned += knows
+                    records.append({"question": item.question, "prediction": gen.text.strip(), "correct": ok,
+                                    "mentions_answer": knows})
         else:
             for item, ids in zip(items, prompts):
                 conts = [tokenizer.encode(" " + c if fmt == "plain" else c) for c in item.choices]
@@ -164,9 +176,10 @@ def evaluate_fewshot(engine, items: list[Item], ks: list[int], fmt: str = "plain
                 pick = item.choices[max(range(len(scores)), key=scores.__getitem__)]
                 ok = pick in item.answers
                 correct += ok
+                mentioned += ok
                 records.append({"question": item.question, "prediction": pick, "correct": ok})
-        results["k"][k] = {"accuracy": correct / len(items), "correct": correct, "fewer_examples": fewer,
-                           "predictions": records}
+        results["k"][k] = {"accuracy": correct / len(items), "correct": correct,
+                           "mentions_answer": mentioned / len(items), "fewer_examples": fewer, "predictions": records}
     return results
 
 
