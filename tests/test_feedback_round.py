@@ -1,5 +1,6 @@
-"""One simulated RLHF round at the smallest size: ranking tasks sampled from the SFT model, labelled by the
-gold labeler through the HTTP API, then `feedback round`: reward model, PPO, evaluation, Elo, report."""
+"""One simulated RLHF round at the smallest size: 200 ranking tasks of 9 answers sampled from the SFT model,
+labelled by the gold labeler through the HTTP API, then `feedback round`: reward model, PPO, evaluation, Elo,
+report."""
 import json
 import socket
 import threading
@@ -15,7 +16,7 @@ from chatforge.feedback.simulate import simulate
 from chatforge.feedback.store import FeedbackStore
 from chatforge.feedback.tasks import add_tasks
 
-PROMPTS = 150
+PROMPTS = 200  # every reward prompt of the small world
 
 
 @pytest.fixture
@@ -56,8 +57,9 @@ def test_one_simulated_round_improves_on_chance_and_reports_its_numbers(sft_ckpt
     result = simulate(url, token, n=1000, disagreement=0.1, seed=0)
     assert result == {"labeler": "gold", "submitted": added, "remaining": 0}
 
-    cfg = RoundConfig(run=str(run), sft=str(sft_ckpt), world=str(small_world), eval_limit=60, ppo_iterations=6, rollout_batch=16, minibatch=8, ppo_lr=1e-5, kl_coef=0.05,
-                      max_new_tokens=48, bootstrap=200, next_tasks=8, min_answers=4, max_answers=9)
+    cfg = RoundConfig(run=str(run), sft=str(sft_ckpt), world=str(small_world), eval_limit=60, ppo_iterations=6,
+                      rollout_batch=16, minibatch=8, ppo_lr=1e-5, kl_coef=0.05, max_new_tokens=48, bootstrap=200,
+                      next_tasks=8, min_answers=4, max_answers=9)
     summary = run_round(cfg)
     print(f"round 1: reward held-out accuracy {summary['reward_accuracy']}; gold score "
           f"{summary['previous_score']:.3f} -> {summary['score']:.3f}, difference {summary['difference']}")

@@ -87,8 +87,9 @@ def test_sign_in_rank_with_a_tie_write_two_turns_and_export(browser, server, tmp
     assert d.switch_to.active_element == field  # the sign-in field has the focus: type and press Enter
     field.send_keys(token, Keys.ENTER)
     wait(d, lambda d: d.find_element(By.ID, "home").is_displayed())
-    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text + "/" +
-            r.find_elements(By.TAG_NAME, "td")[2].text for r in d.find_elements(By.CSS_SELECTOR, "#progress-table tbody tr")}
+    cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")]
+             for row in d.find_elements(By.CSS_SELECTOR, "#progress-table tbody tr")]
+    rows = {kind: f"{done}/{todo}" for kind, done, todo in cells}
     assert rows["ranking"] == "0/1" and rows["demonstration"] == "0/1"
 
     # --- rank four answers: 1 = best, two answers tied at 2, the script-bearing one last and flagged unsafe

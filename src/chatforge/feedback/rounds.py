@@ -264,8 +264,9 @@ def write_report(cfg: RoundConfig, rounds: list[dict[str, Any]], ratings: list[d
         a, p = r["reward_accuracy"], r["previous_reward_accuracy"]
         previous = "" if p is None else f"; round {r['round'] - 1}'s {p['accuracy']:.3f}"
         lines.append(f"| {r['round']} | {r['comparisons_new']}, {r['comparisons']} | {a['accuracy']:.3f} "
-                     f"({a['ci_low']:.3f}..{a['ci_high']:.3f}{previous}) | {r['score']:.3f} | {d['mean']:+.3f} ({d['ci_low']:+.3f}.."
-                     f"{d['ci_high']:+.3f}) | {e['elo']:.0f} ({e['low']:.0f}..{e['high']:.0f}) |")
+                     f"({a['ci_low']:.3f}..{a['ci_high']:.3f}{previous}) | {r['score']:.3f} "
+                     f"| {d['mean']:+.3f} ({d['ci_low']:+.3f}..{d['ci_high']:+.3f}) "
+                     f"| {e['elo']:.0f} ({e['low']:.0f}..{e['high']:.0f}) |")
     path = Path(cfg.run) / "rounds" / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
