@@ -95,11 +95,7 @@ class SchemaVersion(Base):
 
 
 class Conflict(ChatforgeError):
-    """The labeler already labelled this task (with a different label)."""
-
-    def __init__(self, message: str, existing_id: int) -> None:
-        super().__init__(message)
-        self.existing_id = existing_id
+    """The labeler already labelled this task, with a different label."""
 
 
 def hash_token(token: str) -> str:
@@ -286,7 +282,7 @@ class FeedbackStore:
                     if existing.payload == payload:
                         return existing, False
                     raise Conflict(f"task {task_id} is already labelled by you (submission {existing.id}); "
-                                   f"change it with PUT /label/api/submissions/{existing.id}", existing.id)
+                                   f"change it with PUT /label/api/submissions/{existing.id}")
                 submission = Submission(task_id=task_id, labeler_id=labeler_id, kind=task.kind, payload=payload)
                 s.add(submission)
                 s.flush()
