@@ -164,7 +164,7 @@ def test_reward_model_with_another_tokenizer_is_refused(rl_toy, tmp_path, no_com
 def test_prompt_longer_than_context_is_refused(rl_toy, tmp_path, no_compute):
     prompts = tmp_path / "long.jsonl"
     prompts.write_text(json.dumps({"prompt": "Name a color."}) + "\n" + json.dumps({"prompt": "color " * 80}) + "\n")
-    with pytest.raises(ChatforgeError, match=r"long.jsonl:2: the prompt is \d+ tokens"):
+    with pytest.raises(ChatforgeError, match=r"long.jsonl:2: the conversation needs \d+ tokens"):
         run_ppo(bad_cfg(rl_toy, tmp_path, prompts=str(prompts)))
 
 

@@ -187,7 +187,8 @@ def stage_eval(run: Run, section: dict[str, Any]) -> dict[str, Any]:
 def stage_report(run: Run, section: dict[str, Any]) -> dict[str, Any]:
     from chatforge.report import write_report
     state = _read_state(run)
-    paths = write_report(run.dir, state, run.settings.align)
+    stage_dirs = {s: run.stage_dir(s) for s in ("pretrain", "sft", "reward", *run.settings.align)}
+    paths = write_report(run.dir, state, stage_dirs)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -259,7 +260,8 @@ def run_pipeline(run: Run, start: str | None = None, until: str | None = None) -
             fp = fingerprint(run, stage, {**done, **{p: {"fingerprint": f} for p, f, _ in plan}})
             finished = done.get(stage, {}).get("fingerprint") == fp and _outputs_exist(run, stage)
             given = stage in run.settings.use
-            wanted = not given and first <= i <= last and (not finished or start == stage)
+            input_reruns = any(w for p, _, w in plan if p in INPUTS[stage])  # its inputs will change
+            wanted = not given and first <= i <= last and (not finished or start == stage or input_reruns)
             if given:
                 done[stage] = {"fingerprint": fp, "seconds": 0.0, "summary": {"given": run.settings.use[stage]}}
             plan.append((stage, fp, wanted))

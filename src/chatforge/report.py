@@ -28,7 +28,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def collect_report(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+def collect_report(run_dir: Path, state: dict[str, Any], stage_dirs: dict[str, Path]) -> dict[str, Any]:
     summary_path = run_dir / "eval" / "summary.json"
     evaluation = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return {
@@ -36,8 +36,7 @@ def collect_report(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         "stages": {k: {"seconds": v.get("seconds"), "summary": v.get("summary")} for k, v in state["stages"].items()},
         "total_seconds": round(sum(v.get("seconds") or 0 for v in state["stages"].values()), 1),
         "evaluation": evaluation,
-        "curves": {stage: read_metrics(run_dir / stage / "metrics.jsonl")
-                   for stage in ("pretrain", "sft", "reward", "ppo", "dpo")},
+        "curves": {stage: read_metrics(path / "metrics.jsonl") for stage, path in stage_dirs.items()},
     }
 
 
@@ -181,8 +180,9 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: Path, state: dict[str, Any], align: list[str] | None = None) -> dict[str, Path]:
-    report = collect_report(run_dir, state)
+def write_report(run_dir: Path, state: dict[str, Any], stage_dirs: dict[str, Path]) -> dict[str, Path]:
+    """`stage_dirs`: the checkpoint directory of each training stage, whose metrics.jsonl are plotted."""
+    report = collect_report(run_dir, state, stage_dirs)
     images = plots(report)
     report["plots"] = sorted(images)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=float))

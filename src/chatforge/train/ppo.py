@@ -178,17 +178,19 @@ class RewardModelScorer:
 
 def read_prompts(path: str | Path, tokenizer: Tokenizer, context: int, max_new_tokens: int
                  ) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    """Prompt ids and records of a JSONL prompt set; every prompt must leave room for an answer."""
+    """Prompt ids and records of a JSONL prompt set. Long conversations lose their oldest turns, as in chat;
+    a prompt whose last turn alone leaves no room for an answer is an error."""
+    from chatforge.data.chat import fit_messages
     from chatforge.data.preferences import iter_jsonl, parse_prompt
     ids, records = [], []
     for where, record in iter_jsonl(path):
         messages = parse_prompt(record, where)
-        prompt = tokenizer.prompt(messages)
-        if len(prompt) + max_new_tokens > context:
-            raise ChatforgeError(f"{where}: the prompt is {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
-                                 f"it exceeds the model's context of {context}")
-        ids.append(prompt)
-        records.append({**record, "messages": messages})
+        try:
+            fitted = fit_messages(tokenizer, messages, context - max_new_tokens, for_generation=True)
+        except ChatforgeError as e:
+            raise ChatforgeError(f"{where}: {e} (max_new_tokens={max_new_tokens} reserved for the answer)") from None
+        ids.append(fitted.ids)
+        records.append({**record, "messages": fitted.messages})
     if not ids:
         raise ChatforgeError(f"{path}: no prompts in the file")
     return ids, records
