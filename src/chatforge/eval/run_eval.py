@@ -59,8 +59,10 @@ def evaluate_run(cfg: EvalConfig, models: dict[str, Path], world: Path, reward_d
         t0 = time.time()
         engine = Engine.load(ckpt, device=device)
         shots = cfg.base_shots if name == "base" else 0
+        # a base model follows a plain User:/Assistant: transcript better than chat tokens it never saw
         rows, greedy = answer_split(engine, None, world, cfg.split, limit=cfg.limit, shots=shots, seed=cfg.seed,
-                                    max_new_tokens=cfg.max_new_tokens)
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    prompt_format="plain" if name == "base" else "chat")
         _write_rows(out / f"{name}_greedy.jsonl", rows)
         entry: dict[str, Any] = {"checkpoint": str(ckpt), "greedy": _strip(greedy), "shots": shots,
                                  **_text_metrics(rows), "perplexity": _perplexity(engine, references)}
