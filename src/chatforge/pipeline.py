@@ -164,6 +164,8 @@ def stage_ppo(run: Run, section: dict[str, Any]) -> dict[str, Any]:
              "prompts": str(run.world / "prompts" / "ppo.jsonl"), "out": str(out)}
     if "ptx_corpus" not in section:
         paths["ptx_corpus"] = [str(run.world / "corpus")]
+    if section.get("eval_every") and "eval_prompts" not in section:  # track gold and proxy on the dev split
+        paths.update(eval_prompts=str(run.world / "eval" / "dev.jsonl"), gold=True)
     run_ppo(_common(run, PPOConfig, section, **paths))
     return _meta_metrics(out)
 

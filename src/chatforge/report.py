@@ -8,7 +8,6 @@ import base64
 import html
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -78,31 +77,16 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set(title="Reward model: held-out pairwise accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
         out["reward"] = _png(fig)
     ppo = [r for r in curves.get("ppo") or [] if "reward" in r]
-    if ppo:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        it = [r["iteration"] for r in ppo]
-        ax.plot(it, [r["rm_score"] for r in ppo], label="reward-model score")
-        ax.plot(it, [r["reward"] for r in ppo], label="reward (score - β·KL)")
-        ax.set(title="PPO: reward and KL", xlabel="iteration", ylabel="reward")
-        ax2 = ax.twinx()
-        ax2.plot(it, [r["kl"] for r in ppo], color="gray", ls="--", label="KL to SFT")
-        ax2.set_ylabel("KL (nats per answer)")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
-        out["ppo"] = _png(fig)
-    evals = [r for r in curves.get("ppo") or [] if "eval_kl" in r]
-    if evals:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        sq = [math.sqrt(max(r["eval_kl"], 0)) for r in evals]
-        ax.plot(sq, [r["eval_rm_score"] for r in evals], marker="o", ms=3, label="proxy (reward model)")
-        if any("eval_gold_score" in r for r in evals):
-            ax2 = ax.twinx()
-            ax2.plot(sq, [r.get("eval_gold_score") for r in evals], marker="s", ms=3, color="C1", label="gold labeler")
-            ax2.set_ylabel("gold score")
-            ax2.legend(loc="lower right", fontsize=8)
-        ax.set(title="Gold and proxy reward against √KL (dev prompts)", xlabel="√KL to SFT", ylabel="proxy score")
-        ax.legend(loc="upper left", fontsize=8)
-        out["overoptimisation"] = _png(fig)
+    if ppo:  # PPO's own figures (chatforge.eval.rlhf_plots), inlined
+        import tempfile
+        from chatforge.eval.rlhf_plots import plot_overoptimisation, plot_training
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = {"ppo": plot_training({"ppo": ppo}, Path(tmp)),
+                       "overoptimisation": plot_overoptimisation(
+                           {"ppo": [r for r in curves["ppo"] if "eval_kl" in r]}, Path(tmp))}
+            for name, path in figures.items():
+                if path is not None:
+                    out[name] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     return out
 
 
