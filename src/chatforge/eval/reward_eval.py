@@ -144,7 +144,8 @@ def health_warnings(report: dict[str, Any]) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
-    lines = [f"held-out pairwise accuracy {report['accuracy']:.1%} over {report['pairs']} pairs "
+    judge = "the noise-free gold ranking" if "gold_correlation" in report else "the file's ranking"
+    lines = [f"pairwise accuracy {report['accuracy']:.1%} against {judge} over {report['pairs']} pairs "
              f"({report['prompts']} prompts, {report['answers']} answers)"]
     for name, row in report["accuracy_by_category"].items():
         lines.append(f"  {name:<16} {row['accuracy']:.1%}  ({row['pairs']} pairs)")

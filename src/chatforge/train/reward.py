@@ -373,17 +373,6 @@ def reward_model_from(init: str | Path, cfg: RewardConfig) -> tuple[ScalarModel,
     return model, tokenizer, meta
 
 
-def split_heldout(comparisons: list[Comparison], fraction: float, seed: int) -> tuple[list[Comparison], list[Comparison]]:
-    """A seeded held-out share of the prompts (at least one each side when there are two or more)."""
-    if fraction <= 0 or len(comparisons) < 2:
-        return comparisons, []
-    order = list(range(len(comparisons)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:min(max(1, round(fraction * len(comparisons))), len(comparisons) - 1)])
-    return ([c for i, c in enumerate(comparisons) if i not in held],
-            [c for i, c in enumerate(comparisons) if i in held])
-
-
 def reference_sequences(cfg: RewardConfig, init_meta: dict[str, Any], tokenizer: Tokenizer, context: int,
                         train: list[Comparison]) -> tuple[list[list[int]], str]:
     """The demonstrations whose mean reward is set to 0: --reference, the world's or the SFT run's sft data,
@@ -442,6 +431,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     from chatforge.data.world.labeler import GoldLabeler
     from chatforge.model.adapters import trainable_parameters, weights_hash
     from chatforge.train.distributed import setup
+    from chatforge.train.sft import split_examples
     cfg.validate()
     if not cfg.init:
         raise ChatforgeError("--init is required: the checkpoint to start from (the SFT model)")
@@ -459,7 +449,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     if cfg.heldout:
         train_set, heldout = comparisons, read_comparisons(cfg.heldout)
     else:
-        train_set, heldout = split_heldout(comparisons, cfg.heldout_fraction, cfg.seed)
+        train_set, heldout = split_examples(comparisons, cfg.heldout_fraction, cfg.seed)  # a seeded share of the prompts
     if cfg.fraction < 1:
         train_set = random.Random(cfg.seed + 1).sample(train_set, max(1, round(cfg.fraction * len(train_set))))
     labeler = GoldLabeler(disagreement=0.0) if cfg.world else None
@@ -482,12 +472,12 @@ def train_reward(cfg: RewardConfig) -> Path:
                        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
                        save_every=cfg.save_every or steps, log_every=max(1, min(10, steps // 20)), seed=cfg.seed,
                        device=cfg.device, dtype=cfg.dtype)
-    data_hashes = [file_hash(p) for p in cfg.data]
-    meta = {"kind": "reward", "stage": "reward", "parent": str(init), "parent_hash": weights_hash(init),
+    init_hash = weights_hash(init)
+    meta = {"kind": "reward", "stage": "reward", "parent": str(init), "parent_hash": init_hash,
             "method": cfg.method, "trainable_params": trainable, "total_params": total, "data": list(cfg.data),
             "reward_reference": reference_source, "config": asdict(cfg)}
-    fingerprint = resume_fingerprint(tcfg, init=weights_hash(init), method=cfg.method, lora=asdict(cfg.lora()),
-                                     context=context, data=data_hashes, fraction=cfg.fraction,
+    fingerprint = resume_fingerprint(tcfg, init=init_hash, method=cfg.method, lora=asdict(cfg.lora()),
+                                     context=context, data=[file_hash(p) for p in cfg.data], fraction=cfg.fraction,
                                      heldout=cfg.heldout and file_hash(cfg.heldout),
                                      heldout_fraction=cfg.heldout_fraction)
     n_pairs = sum(len(i.pairs) for i in items)
@@ -513,7 +503,7 @@ def train_reward(cfg: RewardConfig) -> Path:
         report = evaluate_reward_model(trained, tokenizer, heldout, labeler)
         saved_meta["metrics"] = {**saved_meta.get("metrics", {}), "heldout": report}
         atomic_write_text(out / "meta.json", json.dumps(saved_meta, indent=2, default=str))
-        print(format_report(report), file=sys.stderr)
+        print("reward: held-out evaluation\n" + format_report(report), file=sys.stderr)
     if dist.is_main:
         print(f"reward: wrote {out} in {time.perf_counter() - start:.0f}s\n"
               f"reward: score answers with: chatforge reward score {out} --input answers.jsonl --output scored.jsonl",
