@@ -65,6 +65,14 @@ def test_gguf_import_equals_transformers_gguf_loader(name, kind, gguf_files, hf_
         assert 0 < (ours - original).abs().max() < 0.5
 
 
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_half_precision_gguf_equals_transformers_gguf_loader(kind, checkpoints, tmp_path):
+    path = export_checkpoint(checkpoints["llama_plain"], tmp_path / f"m-{kind}.gguf", "gguf", gguf_type=kind)
+    assert read_gguf(path).tensor_types[kind.upper()] == 7 * 2 + 2  # every matrix; norms stay F32
+    ours = our_logits(import_checkpoint(path, tmp_path / "ckpt")[0])
+    torch.testing.assert_close(ours, hf_logits(tmp_path, gguf_file=path.name), atol=1e-4, rtol=0)
+
+
 def test_gguf_tokenizer_and_template_rebuilt_from_metadata(gguf_files, hf_tiny_models, tmp_path):
     path = gguf_files["llama_plain", "f32"]
     _, tokenizer, meta = load_model(import_checkpoint(path, tmp_path / "ckpt")[0])

@@ -37,6 +37,23 @@ def test_imported_logits_equal_transformers(arch, hf_tiny_models, imported):
     assert model.config.rope_scaling["rope_type"] == {"llama": "llama3", "qwen2": "linear"}[arch]
 
 
+def test_mistral_with_a_wide_head_and_a_sliding_window_imports_exactly(hf_tiny_models, tmp_path):
+    """Mistral computes as Llama inside its window; the context is capped at the window to stay exact."""
+    from conftest import _randomise
+    cfg = transformers.MistralConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=30000.0,
+                                     sliding_window=48, max_position_embeddings=128, tie_word_embeddings=False)
+    reference = transformers.MistralForCausalLM(cfg).eval()
+    _randomise(reference, seed=5)
+    reference.save_pretrained(tmp_path / "mistral")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(hf_tiny_models["llama"] / name, tmp_path / "mistral" / name)
+    model, _, _ = load_model(import_checkpoint(tmp_path / "mistral", tmp_path / "ckpt")[0])
+    assert model.config.max_position_embeddings == 48 and model.config.head_dim == 32
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), reference(IDS).logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_export_reloads_in_transformers_with_identical_logits(arch, hf_tiny_models, imported, tmp_path):
     out = export_checkpoint(imported[arch], tmp_path / "hf")
