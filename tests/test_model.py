@@ -202,3 +202,10 @@ def test_bf16_training_path_follows_the_fp32_model(model):
     model.zero_grad()
     assert losses[1] == pytest.approx(losses[0], rel=0.02)
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_models_measure_reports_training_and_generation_speed():
+    from chatforge.model.speed import measure
+    row = measure(preset("nano", vocab_size=300, context=64), device="cpu", reps=1)
+    assert row["train dtype"] in ("bf16", "fp32")
+    assert float(row["train tok/s"].replace(",", "")) > 0 and float(row["gen tok/s (batch 1)"].replace(",", "")) > 0

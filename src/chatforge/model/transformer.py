@@ -6,7 +6,6 @@ checkpoints map in and out by name. Base, SFT, reward and policy models are all 
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -233,11 +232,9 @@ def _chunks(T: int) -> list[tuple[int, int]]:
     return [(start, min(start + ATTENTION_CHUNK, T)) for start in range(0, T, ATTENTION_CHUNK)]
 
 
-@functools.lru_cache(maxsize=8)
 def _causal_bias(T: int, rep: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[T·rep, T]: 0 where a query may attend, -inf above the diagonal; each row repeated for `rep` heads."""
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.full((T, T), float("-inf"), device=device).triu(1).to(dtype).repeat_interleave(rep, dim=0)
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1).repeat_interleave(rep, dim=0)
 
 
 _FAST_ATTENTION_MAX_PROBS = 1 << 25  # 64 MB of bf16 probabilities per layer
