@@ -139,8 +139,7 @@ def main() -> None:
         def theirs_gen() -> list[list[int]]:
             with torch.no_grad():
                 out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                      eos_token_id=None, pad_token_id=0)
+                                      max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
             return out[:, args.prompt_tokens:].tolist()
 
         if ours_gen() != theirs_gen():
@@ -156,7 +155,8 @@ def main() -> None:
     # --- training ---
     ours.train()
     theirs.train()
-    peaks = {"bf16": matmul_peak(torch.bfloat16, args.reps), "fp32": matmul_peak(torch.float32, args.reps)}
+    peaks = {"bf16": matmul_peak(torch.bfloat16, max(args.reps, 10)),
+             "fp32": matmul_peak(torch.float32, max(args.reps, 10))}
     print(f"matmul peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
     tokens = args.batch_size * args.context
     compiled = torch.compile(ours) if args.compile else None
