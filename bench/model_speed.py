@@ -1,7 +1,7 @@
 """chatforge's GPT against Hugging Face transformers' LlamaForCausalLM: training and generation speed.
 
     python bench/model_speed.py                      # the babbage preset (~7M parameters), about 5 minutes
-    python bench/model_speed.py --preset ada --threads 1
+    python bench/model_speed.py --threads 1 --cpu-time      # on a machine busy with other jobs
 
 Both models have the identical configuration and weights (copied across by name; they already match), run in
 the same process with the same dtype and threads, and are timed alternately so that a busy machine slows both
@@ -46,7 +46,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--compile", action="store_true", help="also time chatforge training under torch.compile")
-    return p.parse_args()
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by this process's CPU seconds instead of wall seconds (with --threads 1): on a "
+                        "machine shared with other jobs, their load does not count against either model")
+    args = p.parse_args()
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1 (with more threads, CPU seconds add up across threads)")
+    return args
 
 
 def build(args: argparse.Namespace):
@@ -65,20 +71,21 @@ def build(args: argparse.Namespace):
     return cfg, ours, theirs
 
 
-def matmul_peak(dtype: torch.dtype, reps: int) -> float:
+def matmul_peak(dtype: torch.dtype, reps: int, clock: Callable[[], float]) -> float:
     """The fastest FLOP/s of large square matmuls in `dtype`: the ceiling MFU is measured against."""
     best = 0.0
     for n in (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
         for _ in range(reps):
-            t = time.perf_counter()
+            t = clock()
             a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+            best = max(best, 2 * n ** 3 / (clock() - t))
     return best
 
 
-def timed_alternately(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
+def timed_alternately(fns: dict[str, Callable[[], object]], reps: int, clock: Callable[[], float],
+                      warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function; the functions take turns so load noise hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -86,9 +93,9 @@ def timed_alternately(fns: dict[str, Callable[[], None]], reps: int, warmup: int
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -115,12 +122,14 @@ def check_logits(ours: GPT, theirs, ids: torch.Tensor) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     cfg, ours, theirs = build(args)
     fpt = cfg.flops_per_token(args.context)
     print(f"{args.preset}: {cfg.num_params() / 1e6:.2f}M parameters, context {args.context}, vocabulary "
           f"{args.vocab_size}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, heads "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}; {fpt / 1e6:.1f} MFLOPs/token; torch "
-          f"{torch.__version__}, {args.threads} threads", flush=True)
+          f"{torch.__version__}, {args.threads} threads, timed in {'CPU' if args.cpu_time else 'wall'} seconds",
+          flush=True)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.context + 1), generator=g)
     print(f"logits equal (max difference {check_logits(ours.eval(), theirs.eval(), ids[:2, :64]):.1e})", flush=True)
@@ -144,7 +153,7 @@ def main() -> None:
 
         if ours_gen() != theirs_gen():
             raise SystemExit(f"greedy generations differ at batch {batch}")
-        t = timed_alternately({"chatforge": ours_gen, "transformers": theirs_gen}, args.reps)
+        t = timed_alternately({"chatforge": ours_gen, "transformers": theirs_gen}, args.reps, clock)
         tokens = batch * args.new_tokens
         results[f"gen_tok_s_b{batch}"] = tokens / t["chatforge"]
         results[f"hf_gen_tok_s_b{batch}"] = tokens / t["transformers"]
@@ -155,8 +164,8 @@ def main() -> None:
     # --- training ---
     ours.train()
     theirs.train()
-    peaks = {"bf16": matmul_peak(torch.bfloat16, max(args.reps, 10)),
-             "fp32": matmul_peak(torch.float32, max(args.reps, 10))}
+    peaks = {"bf16": matmul_peak(torch.bfloat16, max(args.reps, 10), clock),
+             "fp32": matmul_peak(torch.float32, max(args.reps, 10), clock)}
     print(f"matmul peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
     tokens = args.batch_size * args.context
     compiled = torch.compile(ours) if args.compile else None
@@ -165,7 +174,7 @@ def main() -> None:
         fns = {"chatforge": train_step(ours, ids, bf16, hf=False), "transformers": train_step(theirs, ids, bf16, hf=True)}
         if compiled is not None:
             fns["compiled"] = train_step(compiled, ids, bf16, hf=False)
-        t = timed_alternately(fns, args.reps)
+        t = timed_alternately(fns, args.reps, clock)
         ours_tps, theirs_tps = tokens / t["chatforge"], tokens / t["transformers"]
         mfu, hf_mfu = ours_tps * fpt / peaks[dtype], theirs_tps * fpt / peaks[dtype]
         results[f"train_tok_s_{dtype}"], results[f"hf_train_tok_s_{dtype}"] = ours_tps, theirs_tps
@@ -184,6 +193,7 @@ def main() -> None:
         extra = f" {mfu:6.1%} {hf_mfu:7.1%}" if mfu is not None else ""
         print(f"{name:28s} {a:8.0f} tok/s {b:7.0f} tok/s {a / b:6.2f}x{extra}")
     results.update(peak_bf16_gflops=peaks["bf16"] / 1e9, peak_fp32_gflops=peaks["fp32"] / 1e9, threads=args.threads,
+                   clock="cpu" if args.cpu_time else "wall",
                    preset=args.preset, params=cfg.num_params(), context=args.context)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
 

@@ -134,7 +134,8 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        d = x.shape[-1]
+        rstd = (torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(d).add_(eps)).rsqrt_()
         normed = xf * rstd
         ctx.save_for_backward(normed, weight, rstd)
         ctx.x_dtype = x.dtype
@@ -145,10 +146,12 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         normed, weight, rstd = ctx.saved_tensors
         grad = grad.to(normed.dtype)  # once: mixed-dtype products would each convert it
-        grad_normed = grad * weight.to(normed.dtype)
-        grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
-        projection = (grad_normed * normed).mean(-1, keepdim=True)
-        grad_x = torch.addcmul(grad_normed, normed, projection, value=-1).mul_(rstd)
+        w = weight.to(normed.dtype)
+        grad_times_normed = grad * normed
+        grad_weight = grad_times_normed.flatten(0, -2).sum(0).to(weight.dtype)
+        # mean(grad·w·normed) over the features, as a matrix-vector product: no full-size temporary
+        projection = (grad_times_normed @ w).unsqueeze(-1).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad * w, normed, projection, value=-1).mul_(rstd)
         return grad_x.to(ctx.x_dtype), grad_weight, None, None
 
 
