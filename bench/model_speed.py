@@ -1,6 +1,6 @@
 """chatforge's GPT against Hugging Face transformers' LlamaForCausalLM: training and generation speed.
 
-    python bench/model_speed.py                      # the babbage preset (~7M parameters), about 5 minutes
+    python bench/model_speed.py                      # the babbage preset (~7M parameters), a few minutes
     python bench/model_speed.py --threads 1 --cpu-time      # on a machine busy with other jobs
 
 Both models have the identical configuration and weights (copied across by name; they already match), run in
