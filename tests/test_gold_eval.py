@@ -85,3 +85,17 @@ def test_statistics():
     diff = paired_difference([1.0, 0.9, 0.8, 1.0], [0.5, 0.4, 0.6, 0.5])
     assert diff["mean"] == pytest.approx(0.425) and 0 < diff["ci_low"] <= diff["ci_high"]
     assert win_tie_loss([1, 0.5, 0], [0.5, 0.5, 1]) == {"win": 1 / 3, "tie": 1 / 3, "loss": 1 / 3}
+
+
+def test_kl_to_reference_is_zero_for_itself_and_positive_for_another_model(sft_ckpt, base_ckpt, small_world):
+    from chatforge.checkpoint import load_model
+    from chatforge.eval.run_eval import EvalConfig, kl_to_reference
+    from chatforge.infer.engine import Engine
+    sft, tok, _ = load_model(sft_ckpt)
+    base = load_model(base_ckpt)[0]
+    engine = Engine(sft, tok)
+    cfg = EvalConfig(kl_prompts=6, max_new_tokens=16)
+    same = kl_to_reference(engine, sft, small_world, cfg)
+    other = kl_to_reference(engine, base, small_world, cfg)
+    assert same["answers"] == 6 and abs(same["kl"]) < 1e-3
+    assert other["kl"] > 0.1 and other["sqrt_kl"] ** 2 == pytest.approx(other["kl"], rel=1e-2)
