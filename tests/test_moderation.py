@@ -89,7 +89,7 @@ def test_score_cli_prints_one_json_line_per_text(trained, capsys):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ("{not json", "invalid JSON"),
+    ("{not json", "not valid JSON"),
     ('["a list"]', "expected a JSON object"),
     ('{"messages": [{"role": "user", "content": "hi"}], "category": "spicy"}', "'category'"),
     ('{"messages": [{"role": "user", "content": "hi"}], "category": "harmful"}', "harm_category"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.checkpoint import atomic_write_text
+from chatforge.data.jsonl import read_jsonl
 
 METRIC_NAMES = [  # (key in the gold summary's metrics, label)
     ("fact_accuracy", "fact accuracy"), ("arithmetic_accuracy", "arithmetic accuracy"),
@@ -22,9 +23,7 @@ METRIC_NAMES = [  # (key in the gold summary's metrics, label)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path)] if path.is_file() else []
 
 
 def collect_report(run_dir: Path, state: dict[str, Any], stage_dirs: dict[str, Path]) -> dict[str, Any]:

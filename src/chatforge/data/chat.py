@@ -9,14 +9,15 @@ system message is kept), and one whose assistant tokens would all be cut is skip
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import iter_jsonl
 from chatforge.tokenizer import Message, Tokenizer, validate_messages
 
 IGNORE = -100  # target id that cross-entropy skips
@@ -28,10 +29,8 @@ class Conversation:
     where: str  # "file:line", for messages about this record
 
 
-def conversation_from_record(record: object, where: str) -> list[Message]:
+def conversation_from_record(record: dict[str, Any], where: str) -> list[Message]:
     """One JSONL record as messages, in either format; raises naming `where` and the field."""
-    if not isinstance(record, dict):
-        raise ChatforgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):
@@ -56,24 +55,8 @@ def conversation_from_record(record: object, where: str) -> list[Message]:
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: conversation file not found")
-    out: list[Conversation] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise ChatforgeError(f"{where}: not UTF-8") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(Conversation(conversation_from_record(record, where), where))
+    out = [Conversation(conversation_from_record(record, where), where)
+           for where, record in iter_jsonl(path, "conversation file")]
     if not out:
         raise ChatforgeError(f"{path}: no conversations in the file")
     return out

@@ -1,11 +1,11 @@
 """Raw text corpora: plain-text files, JSONL with a `text` field, or directories of them, read as a stream."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -32,37 +32,26 @@ def iter_documents(path: Path) -> Iterator[str]:
     """Documents of one file: each JSONL record's `text`, or a text file split on blank lines."""
     if path.stat().st_size == 0:
         raise ChatforgeError(f"{path}: corpus file is empty")
+    if path.suffix == ".jsonl":
+        for lineno, record in read_jsonl(path):
+            if not isinstance(record.get("text"), str):
+                raise ChatforgeError(f"{path}:{lineno}: record has no string field 'text'")
+            yield record["text"]
+        return
     with open(path, "rb") as f:
-        if path.suffix == ".jsonl":
-            for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, path, lineno).strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ChatforgeError(f"{path}:{lineno}: record has no string field 'text'")
-                yield record["text"]
-        else:
-            paragraph: list[str] = []
-            for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, path, lineno)
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph).rstrip("\n")
-                    paragraph = []
-            if paragraph:
+        paragraph: list[str] = []
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ChatforgeError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line)") from None
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
                 yield "".join(paragraph).rstrip("\n")
-
-
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ChatforgeError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line)") from None
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph).rstrip("\n")
 
 
 def iter_corpus(paths: list[str | Path]) -> Iterator[str]:

@@ -13,13 +13,13 @@ Every record becomes a `Comparison`: the conversation and its answers grouped in
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import iter_jsonl  # noqa: F401  (also imported from here by train/ppo.py, train/reward.py)
 from chatforge.tokenizer import Message, validate_messages
 
 
@@ -61,29 +61,6 @@ def to_pairs(comparisons: list[Comparison]) -> list[PreferencePair]:
         answers = c.answers
         out += [PreferencePair(c.messages, answers[i], answers[j], c.where) for i, j in c.pairs()]
     return out
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("file:line", record) for each non-blank line, with clear errors for unreadable lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ChatforgeError(f"{where}: not UTF-8 (byte {e.start} of the line)") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ChatforgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
 
 
 def parse_prompt(record: dict[str, Any], where: str) -> list[Message]:

@@ -18,6 +18,7 @@ from typing import Any
 from chatforge import ChatforgeError
 from chatforge.checkpoint import atomic_write_text, read_meta, resolve
 from chatforge.data.chat import fit_messages, read_conversations
+from chatforge.data.jsonl import write_jsonl
 from chatforge.tokenizer import Message, Tokenizer
 
 
@@ -177,7 +178,7 @@ def gold_cli(args: argparse.Namespace) -> None:
         summary = {"checkpoint": str(ckpt), "split": args.split, "world": str(world), "format": fmt, "shots": args.shots,
                    "samples": args.samples, "temperature": args.temperature,
                    "seconds": round(time.perf_counter() - start, 1), **summary}
-        atomic_write_text(out / f"{name}_answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(out / f"{name}_answers.jsonl", rows)
         results[name] = summary
         _print_summary(name, summary)
     if args.baseline:

@@ -118,7 +118,8 @@ class EloConfig:
 
 def read_elo_prompts(cfg: EloConfig) -> list[list[Message]]:
     if cfg.prompts:
-        from chatforge.data.preferences import iter_jsonl, parse_prompt
+        from chatforge.data.jsonl import iter_jsonl
+        from chatforge.data.preferences import parse_prompt
         conversations = [parse_prompt(record, where) for where, record in iter_jsonl(cfg.prompts)]
     else:
         from chatforge.eval.cli import world_of

@@ -13,7 +13,6 @@ Prompts are plain text ("Q: ...\\nA: ...") for base models and chat turns for fi
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from chatforge import ChatforgeError
 from chatforge.data.chat import fit_messages
+from chatforge.data.jsonl import iter_jsonl
 from chatforge.tokenizer import Tokenizer
 
 
@@ -40,19 +40,9 @@ class Item:
 
 
 def read_task(path: str | Path) -> list[Item]:
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: task file not found")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or "answer" not in r:
+    for where, r in iter_jsonl(path, "task file"):
+        if not isinstance(r.get("question"), str) or "answer" not in r:
             raise ChatforgeError(f"{where}: an item needs a string 'question' and an 'answer'")
         answer, choices = r["answer"], r.get("choices")
         if choices is not None:

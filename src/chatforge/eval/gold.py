@@ -5,10 +5,10 @@ summaries of the same prompts side by side (win/tie/loss and the paired mean sco
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import iter_jsonl
 from chatforge.data.world.labeler import GoldLabeler, is_refusal
 from chatforge.eval.stats import mean_ci, paired_difference, win_tie_loss
 
@@ -35,18 +35,12 @@ def load_eval(world_dir: str | Path, split: str = "dev") -> list[dict]:
     if not path.is_file():
         raise ChatforgeError(f"{path} not found: generate the world with `chatforge world generate --out {world_dir}`")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for where, record in iter_jsonl(path):
         for key in ("id", "messages", "category"):
             if key not in record:
-                raise ChatforgeError(f"{path}:{n}: record has no {key!r}")
+                raise ChatforgeError(f"{where}: record has no {key!r}")
         if not record["messages"] or record["messages"][-1].get("role") != "user":
-            raise ChatforgeError(f"{path}:{n}: 'messages' must end with a user turn")
+            raise ChatforgeError(f"{where}: 'messages' must end with a user turn")
         records.append(record)
     return records
 

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import read_jsonl
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -23,15 +23,7 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: metrics file not found")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    rows = [row for _, row in read_jsonl(path, "metrics file")]
     train = [r for r in rows if "reward" in r]
     evals = [r for r in rows if "eval_kl" in r]
     if not train:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from chatforge.checkpoint import atomic_write_text, read_meta
+from chatforge.data.jsonl import write_jsonl
 from chatforge.tokenizer import Message
 
 EXAMPLES = [
@@ -63,7 +64,7 @@ def evaluate_run(cfg: EvalConfig, models: dict[str, Path], world: Path, reward_d
         rows, greedy = answer_split(engine, None, world, cfg.split, limit=cfg.limit, shots=shots, seed=cfg.seed,
                                     max_new_tokens=cfg.max_new_tokens,
                                     prompt_format="plain" if name == "base" else "chat")
-        _write_rows(out / f"{name}_greedy.jsonl", rows)
+        write_jsonl(out / f"{name}_greedy.jsonl", rows)
         entry: dict[str, Any] = {"checkpoint": str(ckpt), "greedy": _strip(greedy), "shots": shots,
                                  **_text_metrics(rows), "perplexity": _perplexity(engine, references)}
         if reward_model is not None:
@@ -72,7 +73,7 @@ def evaluate_run(cfg: EvalConfig, models: dict[str, Path], world: Path, reward_d
             srows, sampled[name] = answer_split(engine, None, world, cfg.split, limit=cfg.limit, samples=cfg.samples,
                                                 temperature=cfg.temperature, seed=cfg.seed,
                                                 max_new_tokens=cfg.max_new_tokens)
-            _write_rows(out / f"{name}_sampled.jsonl", srows)
+            write_jsonl(out / f"{name}_sampled.jsonl", srows)
             entry["sampled"] = _strip(sampled[name])
         if name == "base":
             entry["fewshot"] = _fewshot(engine, world, cfg)
@@ -113,10 +114,6 @@ def _reward_score(reward_model: torch.nn.Module, tokenizer: Any, rows: list[dict
 
 def _strip(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "rows"}
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _reference_text(world: Path, split: str, path: Path) -> Path:

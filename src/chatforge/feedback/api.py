@@ -32,10 +32,11 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Red
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import to_jsonl
 from chatforge.feedback.agreement import agreement
 from chatforge.feedback.auth import admin_dependency, labeler_dependency
 from chatforge.feedback.export import KINDS as EXPORT_KINDS
-from chatforge.feedback.export import export_records, to_jsonl
+from chatforge.feedback.export import export_records
 from chatforge.feedback.store import Conflict, FeedbackStore, Labeler, Submission, Task
 
 PAGES_DIR = resources.files("chatforge.feedback") / "pages"

@@ -14,12 +14,11 @@ counterpart answer to the same conversation; both are counted in the summary.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
-from chatforge.checkpoint import atomic_write_text
+from chatforge.data.jsonl import write_jsonl
 from chatforge.feedback.store import FeedbackStore, Submission, Task
 
 KINDS = ("sft", "comparisons")
@@ -81,12 +80,8 @@ def export_records(store: FeedbackStore, kind: str, after_id: int = 0) -> tuple[
     return comparison_records(rows)
 
 
-def to_jsonl(records: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def export(store: FeedbackStore, kind: str, out: str | Path, after_id: int = 0) -> tuple[int, dict[str, int]]:
     """Write the records atomically; returns (records written, skipped counts)."""
     records, skipped = export_records(store, kind, after_id)
-    atomic_write_text(out, to_jsonl(records))
+    write_jsonl(out, records)
     return len(records), skipped

@@ -38,7 +38,9 @@ from typing import Any
 from chatforge import ChatforgeError
 from chatforge.checkpoint import atomic_write_text, is_complete
 from chatforge.config import add_config_args, config_from_args
-from chatforge.feedback.export import export_records, to_jsonl
+from chatforge.data.jsonl import iter_jsonl, write_jsonl
+from chatforge.data.preferences import parse_prompt
+from chatforge.feedback.export import export_records
 from chatforge.feedback.store import FeedbackStore
 from chatforge.tokenizer import Message
 
@@ -119,14 +121,13 @@ def fixed_heldout(cfg: RoundConfig, records: list[dict[str, Any]]) -> Path:
             raise ChatforgeError(f"{len(prompts)} labelled prompt(s): a round needs two or more to hold some out")
         random.Random(cfg.seed).shuffle(prompts)
         held = set(prompts[:max(1, round(cfg.heldout_fraction * len(prompts)))])
-        atomic_write_text(path, to_jsonl([r for r in records if prompt_key(r["messages"]) in held]))
+        write_jsonl(path, [r for r in records if prompt_key(r["messages"]) in held])
     return path
 
 
 def fitting_prompts(path: str | Path, checkpoint: Path, max_new_tokens: int, out: Path) -> tuple[Path, int]:
     """The prompts of `path` that leave room for an answer in the model's context, written to `out`;
     returns (out, how many were left out)."""
-    from chatforge.data.preferences import iter_jsonl, parse_prompt
     from chatforge.tokenizer import Tokenizer
     tokenizer = Tokenizer.load(checkpoint)
     context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
@@ -138,13 +139,12 @@ def fitting_prompts(path: str | Path, checkpoint: Path, max_new_tokens: int, out
     if not kept:
         raise ChatforgeError(f"{path}: no prompt leaves {max_new_tokens} tokens for an answer in the context of "
                              f"{context}")
-    atomic_write_text(out, to_jsonl(kept))
+    write_jsonl(out, kept)
     return out, total - len(kept)
 
 
 def training_comparisons(cfg: RoundConfig, records: list[dict[str, Any]], held: set[str]) -> list[dict[str, Any]]:
     """The extra comparison files' records and the store's, less any on a held-out prompt."""
-    from chatforge.data.preferences import iter_jsonl, parse_prompt
     extra = []
     for path in cfg.extra_comparisons:
         for where, record in iter_jsonl(path):
@@ -309,9 +309,9 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
         raise ChatforgeError(f"no new comparisons in the feedback store since round {n - 1}: label some first "
                              "(the labeling app, or `chatforge feedback simulate`)")
     heldout = fixed_heldout(cfg, records)
-    held = {prompt_key(json.loads(line)["messages"]) for line in heldout.read_text().splitlines() if line.strip()}
+    held = {prompt_key(parse_prompt(record, where)) for where, record in iter_jsonl(heldout, "held-out file")}
     train = training_comparisons(cfg, records, held)
-    atomic_write_text(out / "comparisons.jsonl", to_jsonl(train))
+    write_jsonl(out / "comparisons.jsonl", train)
     print(f"round {n}: {len(train)} comparisons to train on ({new} new since round {n - 1}, "
           f"{len(cfg.extra_comparisons)} earlier file(s); those on the held-out prompts of {heldout} set apart), "
           f"policy {policy}", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
-from chatforge.data.preferences import iter_jsonl, parse_answer, parse_prompt
+from chatforge.data.jsonl import iter_jsonl
+from chatforge.data.preferences import parse_answer, parse_prompt
 from chatforge.feedback.store import FeedbackStore
 from chatforge.tokenizer import Message
 

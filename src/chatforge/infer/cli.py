@@ -10,13 +10,13 @@ the input object plus "completion". The output file appears whole or not at all.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import read_jsonl, write_jsonl
 from chatforge.tokenizer import Tokenizer, validate_messages
 
 
@@ -57,23 +57,9 @@ def _cli(args: argparse.Namespace) -> None:
 
 def read_requests(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every non-blank line; the first bad line raises, naming file:line."""
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: input file not found")
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ChatforgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, "input file"):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ChatforgeError(f"{where}: expected a JSON object with \"prompt\" or \"messages\"")
         if ("prompt" in record) == ("messages" in record):
             raise ChatforgeError(f"{where}: needs exactly one of \"prompt\" (text) or \"messages\" (a conversation)")
         if "prompt" in record and not isinstance(record["prompt"], str):
@@ -122,7 +108,6 @@ def _complete_one(engine, text: str, params) -> None:
 
 def _complete_file(engine, records: list[tuple[int, dict[str, Any]]], path: Path, out: Path, params,
                    batch_size: int) -> None:
-    from chatforge.checkpoint import atomic_write_text
     context = engine.config.max_position_embeddings
     prompts = []
     for number, record in records:
@@ -143,8 +128,6 @@ def _complete_file(engine, records: list[tuple[int, dict[str, Any]]], path: Path
             tokens += len(gen.ids)
         print(f"  {min(first + batch_size, len(order))}/{len(order)} prompts", file=sys.stderr)
     seconds = time.perf_counter() - start
-    lines = [json.dumps({**record, "completion": completion}, ensure_ascii=False) + "\n"
-             for (_, record), completion in zip(records, completions)]
-    atomic_write_text(out, "".join(lines))
-    print(f"wrote {len(lines)} completions to {out} ({tokens} tokens in {seconds:.1f} s, "
+    write_jsonl(out, [{**record, "completion": completion} for (_, record), completion in zip(records, completions)])
+    print(f"wrote {len(records)} completions to {out} ({tokens} tokens in {seconds:.1f} s, "
           f"{tokens / max(seconds, 1e-9):.0f} tokens/s)")

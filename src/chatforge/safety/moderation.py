@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge import ChatforgeError
+from chatforge.data.jsonl import iter_jsonl
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 FORMAT = "chatforge-moderation-1"
@@ -212,31 +213,18 @@ def read_examples(path: str | Path, other_categories_benign: bool = False) -> li
 
     With `other_categories_benign`, any category but "harmful" counts as benign (evaluation files mix
     facts, arithmetic, ... with harmful requests)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path}: moderation data not found")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ChatforgeError(f"{where}: expected a JSON object")
-            category = rec.get("category")
-            if category not in ("harmful", "benign") and not (other_categories_benign and isinstance(category, str)):
-                raise ChatforgeError(f"{where}: 'category' must be 'harmful' or 'benign', got {category!r}")
-            labels: list[str] = []
-            if category == "harmful":
-                harm = rec.get("harm_category")
-                labels = [harm] if isinstance(harm, str) else harm if isinstance(harm, list) else []
-                if not labels or not all(isinstance(h, str) and h for h in labels):
-                    raise ChatforgeError(f"{where}: a harmful record needs 'harm_category' (a name or a list of names)")
-            examples.append(Example(_record_text(rec, where), labels))
+    for where, rec in iter_jsonl(path, "moderation data"):
+        category = rec.get("category")
+        if category not in ("harmful", "benign") and not (other_categories_benign and isinstance(category, str)):
+            raise ChatforgeError(f"{where}: 'category' must be 'harmful' or 'benign', got {category!r}")
+        labels: list[str] = []
+        if category == "harmful":
+            harm = rec.get("harm_category")
+            labels = [harm] if isinstance(harm, str) else harm if isinstance(harm, list) else []
+            if not labels or not all(isinstance(h, str) and h for h in labels):
+                raise ChatforgeError(f"{where}: a harmful record needs 'harm_category' (a name or a list of names)")
+        examples.append(Example(_record_text(rec, where), labels))
     if not examples:
         raise ChatforgeError(f"{path}: no records")
     return examples
