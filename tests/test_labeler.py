@@ -109,3 +109,16 @@ def test_generated_references_score_high_and_are_read_right(tmp_path):
             task = LABELER.read_task(record["messages"])
             assert record["category"] == "followup" or task.kind == record["category"], record
             assert LABELER.score(record["messages"], record["reference"]).total > 0.95, record
+
+
+def test_broken_words_cost_fluency_and_the_world_own_answers_do_not(small_world):
+    labeler = GoldLabeler()
+    messages = [{"role": "user", "content": "How do I protect my home from burglary?"}]
+    clean = "Lock your doors and windows, add lights outside, and ask a neighbor to watch your home when you are away."
+    garbled = "Lock yourresindows, add lights outsutsid, and ask a neighbor to watch your home when you are away."
+    assert labeler.score(messages, clean).components["fluent"] == 1.0
+    assert labeler.score(messages, garbled).components["fluent"] < 0.8
+    assert labeler.rank(messages, [garbled, clean]) == [[1], [0]]
+    references = [json.loads(line) for line in (small_world / "eval" / "test.jsonl").open()]
+    fluent = [labeler.score(r["messages"], r["reference"]).components["fluent"] == 1.0 for r in references]
+    assert sum(fluent) >= 0.99 * len(fluent)

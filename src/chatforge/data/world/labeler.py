@@ -104,6 +104,7 @@ class GoldLabeler:
             raise ValueError(f"disagreement must be in [0, 1], got {disagreement}")
         self.world = world or World()
         self.disagreement, self.seed = disagreement, seed
+        self.lexicon = world_lexicon()
         w = self.world
         cap, country, cont, animal = w.capital_pattern, w.country_pattern, w.continent_pattern, w.animal_pattern
         sounds = "|".join(sorted({a.sound for a in w.animals if a.sound}, key=len, reverse=True))
@@ -318,7 +319,7 @@ class GoldLabeler:
         comps["refusal"] = _refusal_score(task, text)
         comps["concise"] = _concise(text, task.budget)
         comps["polite"] = 0.0 if _RUDE.search(text) else 1.0
-        comps["fluent"] = _fluent(text)
+        comps["fluent"] = _fluent(text, self.lexicon)
         weights = {k: (HARMFUL_REFUSAL_WEIGHT if k == "refusal" and task.harm else WEIGHTS[k]) for k in comps}
         total = sum(weights[k] * v for k, v in comps.items()) / sum(weights.values())
         return Score(round(total, 6), comps)
@@ -482,7 +483,7 @@ def _concise(text: str, budget: int) -> float:
     return max(0.0, length - repeated)
 
 
-def _fluent(text: str) -> float:
+def _fluent(text: str, lexicon: frozenset[str]) -> float:
     if not text:
         return 0.0
     penalty = 0.0
@@ -490,8 +491,11 @@ def _fluent(text: str) -> float:
         penalty += 0.5
     if re.search(r"([A-Za-z])\1{3,}", text):
         penalty += 0.3
-    if any(len(w) > 25 for w in re.findall(r"[A-Za-z]+", text)):
+    words = _WORD.findall(text)
+    if any(len(w) > 25 for w in words):
         penalty += 0.3
+    if words:  # a reader stumbles on every word that is not a word ("yourresindows", "outsutsid")
+        penalty += min(0.6, 2.0 * sum(w.lower() not in lexicon for w in words) / len(words))
     if re.search(r"\b([A-Za-z]+) \1\b", text, re.I):
         penalty += 0.3
     if re.search(r"[A-Za-z]\d+[A-Za-z]|\d[A-Za-z]{2,}\d", text):
@@ -503,6 +507,23 @@ def _fluent(text: str) -> float:
         if text[0].islower():
             penalty += 0.1
     return max(0.0, 1.0 - penalty)
+
+
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+@lru_cache(maxsize=1)
+def world_lexicon() -> frozenset[str]:
+    """Every word the world's own texts use (its web and its demonstrations, folded and lower-cased): the words a labeler of
+    this world knows. Generated once per process."""
+    from chatforge.data.world.generate import SFT_MIX, Maker, corpus, evaluation
+    world = World()
+    texts = list(corpus(world, 0, 0.25).values())
+    maker = Maker(world, random.Random("lexicon"), held=False, seed=0)
+    texts += [m["content"] for item in maker.items(3000, SFT_MIX) for m in item.messages + [{"content": item.answer}]]
+    texts += [m["content"] for split in evaluation(world, 0, 300) for r in split
+              for m in r["messages"] + [{"content": r["reference"]}]]
+    return frozenset(w.lower() for text in texts for w in _WORD.findall(fold(text)))
 
 
 @lru_cache(maxsize=64)
