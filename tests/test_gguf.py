@@ -86,7 +86,7 @@ def test_gguf_tokenizer_and_template_rebuilt_from_metadata(gguf_files, hf_tiny_m
     chat = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]
     ids, mask = tokenizer.render(chat)
     assert ids == original.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
-    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Hi.<|im_end|>\n"
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Hi.<|im_end|>"
     assert tokenizer.stop_ids == [original.convert_tokens_to_ids("<|im_end|>")]
     assert meta["kind"] == "sft"
 
@@ -243,3 +243,8 @@ def test_smollm2_gguf_equals_transformers_and_knows_paris(tmp_path):
     assert reply.ids == answer[:len(reply.ids)] and reply.finish_reason == "stop"
     assert "Paris" in reply.text
     assert g.has_chat_template and g.tensor_types["Q4_1"] > 0
+    # SFT trains exactly the answer and its end token under the model's own template (which adds a system turn)
+    ids, mask = tokenizer.render(chat + [{"role": "assistant", "content": "Paris."}])
+    assert ids == ref_tok.apply_chat_template(chat + [{"role": "assistant", "content": "Paris."}], tokenize=True,
+                                              return_dict=True)["input_ids"]
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Paris.<|im_end|>"

@@ -118,7 +118,8 @@ def test_imported_chat_template_renders_like_transformers_with_a_loss_mask(hf_ti
     ids, mask = tokenizer.render(chat)
     assert ids == original.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
     trained = [tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False)]
-    assert trained == ["42.<|im_end|>\nGoodbye.<|im_end|>\n"]
+    # each answer up to its end token: the template's newline after it is formatting, never generated
+    assert trained == ["42.<|im_end|>Goodbye.<|im_end|>"]
     prompt = tokenizer.prompt(chat[:2])
     assert prompt == original.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]
@@ -133,8 +134,33 @@ def test_a_base_model_without_template_gets_chatml_ended_by_its_eos(hf_tiny_mode
     assert meta["kind"] == "base" and not meta["config"]["has_chat_template"]
     ids, mask = tokenizer.render([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
     # the turn ends with the model's own end token, trained on, so a fine-tuned model learns to stop
-    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Hi.<|im_end|>\n"
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Hi.<|im_end|>"
     assert tokenizer.stop_ids == [ids[-2]]
+
+
+def test_reward_model_reads_an_imported_template_at_the_end_token_as_ppo_does(imported):
+    # Regression: with ChatML the reward model was trained at the newline after <|im_end|>, while PPO's
+    # rollouts end at <|im_end|> and are scored there.
+    from chatforge.train.reward import encode_answer
+    _, tokenizer, _ = load_model(imported["llama"])
+    chat = [{"role": "user", "content": "What is 12 + 30?"}]
+    rollout = tokenizer.prompt(chat) + tokenizer.encode("It is 42.") + tokenizer.stop_ids[:1]
+    assert encode_answer(tokenizer, chat, "It is 42.", 128) == rollout
+    assert encode_answer(tokenizer, chat, "It is 42.", 6) == rollout[-6:]  # the prompt's start goes first
+
+
+def test_run_evaluates_an_imported_instruct_model_in_the_base_place_through_its_template(
+        imported, small_world, tmp_path):
+    # Regression: the "before" model of a run started from an instruct import was asked in plain
+    # User:/Assistant: text with few-shot examples, as if it were a base model.
+    from chatforge.eval.run_eval import EvalConfig, evaluate_run
+    cfg = EvalConfig(limit=2, samples=0, fewshot_k=[0], fewshot_limit=2, kl_prompts=2, max_new_tokens=4,
+                     examples=["Hello!"])
+    evaluate_run(cfg, {"base": imported["llama"], "sft": imported["llama"]}, small_world, tmp_path / "no_rm",
+                 tmp_path / "eval")
+    models = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+    assert (models["base"]["format"], models["base"]["shots"]) == ("chat", 0)
+    assert models["base"]["greedy"]["mean_score"] == models["sft"]["greedy"]["mean_score"]
 
 
 def test_lora_merged_sft_export_round_trip(imported, tmp_path):
@@ -223,3 +249,19 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ChatforgeError, match="HuggingFaceTB/SmolLM2-135M-Instruct: not a local path"):
         import_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_imports_the_model_named_in_use_pretrain_once(hf_tiny_models, small_world, tmp_path, capsys):
+    from chatforge.pipeline import load_run, run_pipeline
+    config = tmp_path / "run.toml"
+    config.write_text(f'[run]\nname = "imp"\nout = "{tmp_path}"\nworld = "{small_world}"\n'
+                      f'use = {{ pretrain = "{hf_tiny_models["llama"]}" }}\n')
+    run_pipeline(load_run(str(config)), until="pretrain")
+    assert "pretrain  import" in capsys.readouterr().out
+    meta = read_meta(tmp_path / "imp" / "pretrain")
+    assert (meta["stage"], meta["kind"], meta["parent"]) == ("import", "sft", str(hf_tiny_models["llama"]))
+    run_pipeline(load_run(str(config)), until="pretrain")  # same source: nothing to do
+    assert "pretrain  done, skipped" in capsys.readouterr().out
+    config.write_text(config.read_text().replace(str(hf_tiny_models["llama"]), str(tmp_path / "nothing.gguf")))
+    with pytest.raises(ChatforgeError, match="nothing.gguf is not a complete checkpoint directory, a .gguf file"):
+        load_run(str(config))

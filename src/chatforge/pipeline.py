@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ class RunSettings:
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     world: str = ""                  # an existing world directory instead of generating one
     align: list[str] = field(default_factory=lambda: ["ppo", "dpo"])
-    # stage -> an existing checkpoint to use instead of training it (e.g. pretrain = an imported SmolLM2)
+    # stage -> an existing checkpoint to use instead of training it (e.g. pretrain = an imported SmolLM2);
+    # pretrain may also name what `chatforge import` reads (a .gguf file, a Hugging Face directory or Hub id):
+    # the pretrain stage then imports it
     use: dict[str, str] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # seconds per stage, printed in the plan
 
@@ -49,8 +52,18 @@ class RunSettings:
         for stage, path in self.use.items():
             if stage not in ("pretrain", "sft", "reward", "ppo", "dpo"):
                 raise ChatforgeError(f"run.use: {stage!r} is not a checkpoint stage (pretrain, sft, reward, ppo, dpo)")
-            if not is_complete(path):
-                raise ChatforgeError(f"run.use.{stage}: {path} is not a complete checkpoint directory")
+            if not is_complete(path) and not (stage == "pretrain" and importable(path)):
+                raise ChatforgeError(f"run.use.{stage}: {path} is not a complete checkpoint directory"
+                                     + (", a .gguf file, a Hugging Face model directory or a Hub id"
+                                        if stage == "pretrain" else ""))
+
+
+def importable(source: str) -> bool:
+    """What `chatforge import` reads: a .gguf file, a Hugging Face model directory, or a Hub id (org/name)."""
+    path = Path(source)
+    if path.exists():
+        return path.suffix == ".gguf" and path.is_file() or (path / "config.json").is_file()
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith((".", "/"))
 
 
 @dataclass
@@ -68,8 +81,16 @@ class Run:
     def world(self) -> Path:
         return Path(self.settings.world) if self.settings.world else self.dir / "world"
 
+    def imported(self, stage: str) -> bool:
+        """use.pretrain names an import source rather than a checkpoint: the pretrain stage imports it."""
+        return stage == "pretrain" and stage in self.settings.use and not is_complete(self.settings.use[stage])
+
+    def given(self, stage: str) -> bool:
+        """The stage is an existing checkpoint, used as it is."""
+        return stage in self.settings.use and not self.imported(stage)
+
     def stage_dir(self, stage: str) -> Path:
-        return Path(self.settings.use[stage]) if stage in self.settings.use else self.dir / stage
+        return Path(self.settings.use[stage]) if self.given(stage) else self.dir / stage
 
     @property
     def rankings(self) -> Path:
@@ -126,6 +147,11 @@ def stage_world(run: Run, section: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_pretrain(run: Run, section: dict[str, Any]) -> dict[str, Any]:
+    if run.imported("pretrain"):
+        from chatforge.hub import import_checkpoint
+        source = run.settings.use["pretrain"]
+        out, meta = import_checkpoint(source, run.stage_dir("pretrain"), force=True)
+        return {"imported": source, "kind": meta["kind"], **meta["metrics"]}
     from chatforge.train.pretrain import PretrainConfig, pretrain
     cfg = _common(run, PretrainConfig, section, data=[str(run.world / "corpus")])
     out = run.stage_dir("pretrain")
@@ -225,8 +251,13 @@ def _outputs_exist(run: Run, stage: str) -> bool:
 
 def fingerprint(run: Run, stage: str, done: dict[str, Any]) -> str:
     s = run.settings
-    if stage in s.use:  # a given checkpoint: its weights are its identity
+    if run.given(stage):  # a given checkpoint: its weights are its identity
         return file_hash(Path(s.use[stage]) / "model.safetensors")
+    if run.imported(stage):  # a local source by its contents, a Hub id by its name
+        source = Path(s.use[stage])
+        weights = source if source.is_file() else next(iter(sorted(source.glob("*.safetensors"))), None)
+        return hashlib.sha256(f"import {s.use[stage]} {weights and file_hash(weights)} {__version__}".encode()
+                              ).hexdigest()[:16]
     key = {"stage": stage, "section": run.sections.get(stage, {}), "version": __version__,
            "run": {"size": s.size, "seed": s.seed, "world": s.world, "align": s.align if stage == "eval" else None},
            "inputs": {i: done.get(i, {}).get("fingerprint") for i in INPUTS[stage]}}
@@ -261,7 +292,7 @@ def run_pipeline(run: Run, start: str | None = None, until: str | None = None) -
         for i, stage in enumerate(stages):
             fp = fingerprint(run, stage, {**done, **{p: {"fingerprint": f} for p, f, _ in plan}})
             finished = done.get(stage, {}).get("fingerprint") == fp and _outputs_exist(run, stage)
-            given = stage in run.settings.use
+            given = run.given(stage)
             input_reruns = any(w for p, _, w in plan if p in INPUTS[stage])  # its inputs will change
             wanted = not given and first <= i <= last and (not finished or start == stage or input_reruns)
             if given:
@@ -296,8 +327,8 @@ def _print_plan(run: Run, plan: list[tuple[str, str, bool]], done: dict[str, Any
         estimate = done.get(stage, {}).get("seconds") or s.estimates.get(stage, 0)
         if wanted:
             total += estimate
-        status = ("given" if stage in s.use else "run" if wanted else "done, skipped" if stage in done
-                  else "not in range")
+        status = ("given" if run.given(stage) else ("import" if run.imported(stage) else "run") if wanted
+                  else "done, skipped" if stage in done else "not in range")
         print(f"  {stage:<9} {status:<14} ~{_fmt(estimate)}")
     print(f"  estimated total ~{_fmt(total)}")
 

@@ -115,7 +115,7 @@ class Tokenizer:
             text = self._template_text(messages[:i + 1], add_generation_prompt=False)
             piece_ids = self._encode_with_specials(self._extend(done, text))
             ids += piece_ids
-            mask += [1 if m["role"] == "assistant" else 0] * len(piece_ids)
+            mask += self._answer_mask(piece_ids) if m["role"] == "assistant" else [0] * len(piece_ids)
             done = text
         if add_generation_prompt:
             text = self._template_text(messages, add_generation_prompt=True)
@@ -123,6 +123,13 @@ class Tokenizer:
             ids += piece_ids
             mask += [0] * len(piece_ids)
         return ids, mask
+
+    def _answer_mask(self, piece_ids: list[int]) -> list[int]:
+        """1 on an assistant turn's tokens up to its end token; what the template puts after it (ChatML's
+        newline) is formatting the model never generates, and the reward is read at the end token."""
+        ends = [j for j, t in enumerate(piece_ids) if t in self.stop_ids]
+        n = ends[-1] + 1 if ends else len(piece_ids)
+        return [1] * n + [0] * (len(piece_ids) - n)
 
     def _extend(self, done: str, text: str) -> str:
         if not text.startswith(done):  # e.g. a template that rewrites earlier turns once a later one exists

@@ -59,13 +59,15 @@ def evaluate_run(cfg: EvalConfig, models: dict[str, Path], world: Path, reward_d
     for name, ckpt in models.items():
         t0 = time.time()
         engine = Engine.load(ckpt, device=device)
-        shots = cfg.base_shots if name == "base" else 0
-        # a base model follows a plain User:/Assistant: transcript better than chat tokens it never saw
+        # a base model follows a plain User:/Assistant: transcript better than chat tokens it never saw;
+        # an imported instruct model in the base's place (kind sft) is asked zero-shot through its own template
+        plain = name == "base" and read_meta(ckpt)["kind"] == "base"
+        shots = cfg.base_shots if plain else 0
         rows, greedy = answer_split(engine, None, world, cfg.split, limit=cfg.limit, shots=shots, seed=cfg.seed,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    prompt_format="plain" if name == "base" else "chat")
+                                    max_new_tokens=cfg.max_new_tokens, prompt_format="plain" if plain else "chat")
         write_jsonl(out / f"{name}_greedy.jsonl", rows)
         entry: dict[str, Any] = {"checkpoint": str(ckpt), "greedy": _strip(greedy), "shots": shots,
+                                 "format": "plain" if plain else "chat",
                                  **_text_metrics(rows), "perplexity": _perplexity(engine, references)}
         if reward_model is not None:
             entry["rm_score"] = _reward_score(reward_model, engine.tokenizer, rows)

@@ -39,9 +39,11 @@ from chatforge.train.loop import TrainConfig, resume_fingerprint, train
 
 
 def encode_answer(tokenizer: Tokenizer, messages: list[Message], answer: str, max_len: int) -> list[int]:
-    """Prompt + answer as the chat template renders them; a long prompt loses its start, never the answer's end."""
-    ids, _ = tokenizer.render(messages + [{"role": "assistant", "content": answer}])
-    return ids[-max_len:]
+    """Prompt + answer as the chat template renders them, ending at the answer's end-of-turn token (where PPO's
+    rollouts end, and where the reward is read); a long prompt loses its start, never the answer's end."""
+    ids, mask = tokenizer.render(messages + [{"role": "assistant", "content": answer}])
+    end = max(i for i, m in enumerate(mask) if m) + 1  # a template may add formatting after the turn
+    return ids[:end][-max_len:]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
