@@ -22,25 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatforge import ChatforgeError, __version__
+from chatforge.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (stages import them from here)
 
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "meta.json")
 KINDS = ("base", "sft", "reward", "policy", "adapter", "value")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_hash(path: str | Path) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
+from chatforge.atomic import atomic_write_text
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
@@ -45,5 +46,4 @@ def to_jsonl(records: Iterable[dict[str, Any]]) -> str:
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write the records atomically: the file appears whole or not at all."""
-    from chatforge.checkpoint import atomic_write_text  # here, so that reading JSONL does not import torch
     atomic_write_text(path, to_jsonl(records))

@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import ChatforgeError
+from chatforge.atomic import atomic_write_text
+from chatforge.data.jsonl import to_jsonl
 from chatforge.data.world.facts import (
     ANIMAL_KINDS, BENIGN_TOPICS, CONTINENTS, FALSE_PREMISES, HARMS, KIND_PLURALS, OP_WORDS, OPS, PLACEHOLDERS,
     Animal, Country, World, apply, arithmetic_problems, article, worked,
@@ -627,23 +628,6 @@ def evaluation(world: World, seed: int, n: int) -> tuple[list[dict], list[dict]]
     return split["dev"], split["test"]
 
 
-def jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)   # mkstemp makes files private; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0) -> dict:
     """Write the world's files under `out` and return the manifest (also written as world.json)."""
     if size not in SIZES:
@@ -655,19 +639,19 @@ def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0)
     train = Maker(world, random.Random(f"{seed}:train"), held=False, seed=seed)
     files: dict[str, str] = {f"corpus/{name}": text for name, text in corpus(world, seed, spec.corpus_scale).items()}
     sft = train.items(spec.sft, SFT_MIX)
-    files["sft.jsonl"] = jsonl([sft_record(i) for i in sft])
+    files["sft.jsonl"] = to_jsonl([sft_record(i) for i in sft])
     reward = train.items(spec.reward, PROMPT_MIX)
     ppo = train.items(spec.ppo, PROMPT_MIX)
-    files["prompts/reward.jsonl"] = jsonl([prompt_record(i) for i in reward])
-    files["prompts/ppo.jsonl"] = jsonl([prompt_record(i) for i in ppo])
+    files["prompts/reward.jsonl"] = to_jsonl([prompt_record(i) for i in reward])
+    files["prompts/ppo.jsonl"] = to_jsonl([prompt_record(i) for i in ppo])
     mod = moderation(train, spec.moderation)
-    files["prompts/moderation.jsonl"] = jsonl(mod)
+    files["prompts/moderation.jsonl"] = to_jsonl(mod)
     dev, test = evaluation(world, seed, spec.eval)
-    files["eval/dev.jsonl"], files["eval/test.jsonl"] = jsonl(dev), jsonl(test)
+    files["eval/dev.jsonl"], files["eval/test.jsonl"] = to_jsonl(dev), to_jsonl(test)
     fewshot_rng = random.Random(f"{seed}:fewshot")
     capitals = [{"question": f"What is the capital of {c.ref()}?", "answer": c.capital}
                 for c in fewshot_rng.sample(world.countries, len(world.countries))]
-    files["fewshot/capitals.jsonl"] = jsonl(capitals)
+    files["fewshot/capitals.jsonl"] = to_jsonl(capitals)
 
     def categories(records: list) -> dict[str, int]:
         return dict(sorted(Counter(r.category if isinstance(r, Item) else r["category"] for r in records).items()))
@@ -693,6 +677,6 @@ def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0)
         "files": {k: {"bytes": len(t.encode())} for k, t in sorted(files.items())},
     }
     for name, text in files.items():
-        write_atomic(out / name, text)
-    write_atomic(out / "world.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / name, text)
+    atomic_write_text(out / "world.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
