@@ -9,8 +9,9 @@ alike. Before any timing, the logits are checked equal and the greedy generation
 
 Training is one forward + next-token cross-entropy + backward on a batch of full-context windows (the
 optimizer step, identical for both, is left out), in bf16 autocast and in fp32. Generation is greedy from
-32-token prompts, batch 1 and batch 8, prefill included; chatforge through its engine (`Engine.generate`),
-transformers through `model.generate`. MFU is tokens/s x FLOPs/token (ModelConfig.flops_per_token: 6 x
+32-token prompts, batch 1 and batch 8, prefill included; chatforge through its engine (`Engine.generate`, its
+decode step compiled by torch.compile unless --eager; the first call's seconds, compilation included, are
+reported as `gen_first_call_s_b*`), transformers through `model.generate`. MFU is tokens/s x FLOPs/token (ModelConfig.flops_per_token: 6 x
 matmul parameters + 12·layers·width·context) over the fastest large-matmul rate measured here in that dtype.
 The last line is the result as one JSON object.
 """
@@ -46,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--compile", action="store_true", help="also time chatforge training under torch.compile")
+    p.add_argument("--eager", action="store_true", help="generate without compiling the engine's decode step")
+    p.add_argument("--only", choices=("generation", "training"), help="run one half of the benchmark")
     p.add_argument("--cpu-time", action="store_true",
                    help="time by this process's CPU seconds instead of wall seconds (with --threads 1): on a "
                         "machine shared with other jobs, their load does not count against either model")
@@ -134,10 +137,25 @@ def main() -> None:
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.context + 1), generator=g)
     print(f"logits equal (max difference {check_logits(ours.eval(), theirs.eval(), ids[:2, :64]):.1e})", flush=True)
 
-    # --- generation: identical greedy tokens first, then speed ---
-    engine = Engine(ours, train_tokenizer(["bench"], 300))
     results: dict[str, float] = {}
     rows = []
+    if args.only != "training":
+        generation(args, ours, theirs, g, clock, results, rows)
+    if args.only != "generation":
+        training(args, cfg, ours, theirs, ids, clock, results, rows)
+    print(f"\n{'':28s} {'chatforge':>12s} {'transformers':>13s} {'ratio':>7s} {'MFU':>6s} {'HF MFU':>7s}")
+    for name, a, b, mfu, hf_mfu in rows:
+        extra = f" {mfu:6.1%} {hf_mfu:7.1%}" if mfu is not None else ""
+        print(f"{name:28s} {a:8.0f} tok/s {b:7.0f} tok/s {a / b:6.2f}x{extra}")
+    results.update(threads=args.threads, clock="cpu" if args.cpu_time else "wall", compiled_generation=not args.eager,
+                   preset=args.preset, params=cfg.num_params(), context=args.context)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
+
+
+def generation(args, ours: GPT, theirs, g: torch.Generator, clock: Callable[[], float], results: dict,
+               rows: list) -> None:
+    """Identical greedy tokens first, then speed."""
+    engine = Engine(ours, train_tokenizer(["bench"], 300), compile=not args.eager)
     for batch in (1, 8):
         prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_tokens), generator=g)
         params = SamplingParams(max_new_tokens=args.new_tokens, stop_ids=[])
@@ -151,7 +169,12 @@ def main() -> None:
                                       max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
             return out[:, args.prompt_tokens:].tolist()
 
-        if ours_gen() != theirs_gen():
+        start = time.perf_counter()
+        first = ours_gen()
+        results[f"gen_first_call_s_b{batch}"] = time.perf_counter() - start
+        print(f"batch {batch}: first generation {results[f'gen_first_call_s_b{batch}']:.1f} s (wall, compilation "
+              f"included)", flush=True)
+        if first != theirs_gen():
             raise SystemExit(f"greedy generations differ at batch {batch}")
         t = timed_alternately({"chatforge": ours_gen, "transformers": theirs_gen}, args.reps, clock)
         tokens = batch * args.new_tokens
@@ -161,7 +184,10 @@ def main() -> None:
         rows.append((f"generation, batch {batch}", tokens / t["chatforge"], tokens / t["transformers"], None, None))
         print(f"greedy generations identical at batch {batch}; timed", flush=True)
 
-    # --- training ---
+
+def training(args, cfg, ours: GPT, theirs, ids: torch.Tensor, clock: Callable[[], float], results: dict,
+             rows: list) -> None:
+    fpt = cfg.flops_per_token(args.context)
     ours.train()
     theirs.train()
     peaks = {"bf16": matmul_peak(torch.bfloat16, max(args.reps, 10), clock),
@@ -187,15 +213,7 @@ def main() -> None:
             results[f"compiled_mfu_{dtype}"] = tokens / t["compiled"] * fpt / peaks[dtype]
             rows.append((f"training, {dtype}, torch.compile", tokens / t["compiled"], theirs_tps,
                          results[f"compiled_mfu_{dtype}"], hf_mfu))
-
-    print(f"\n{'':28s} {'chatforge':>12s} {'transformers':>13s} {'ratio':>7s} {'MFU':>6s} {'HF MFU':>7s}")
-    for name, a, b, mfu, hf_mfu in rows:
-        extra = f" {mfu:6.1%} {hf_mfu:7.1%}" if mfu is not None else ""
-        print(f"{name:28s} {a:8.0f} tok/s {b:7.0f} tok/s {a / b:6.2f}x{extra}")
-    results.update(peak_bf16_gflops=peaks["bf16"] / 1e9, peak_fp32_gflops=peaks["fp32"] / 1e9, threads=args.threads,
-                   clock="cpu" if args.cpu_time else "wall",
-                   preset=args.preset, params=cfg.num_params(), context=args.context)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
+    results.update(peak_bf16_gflops=peaks["bf16"] / 1e9, peak_fp32_gflops=peaks["fp32"] / 1e9)
 
 
 if __name__ == "__main__":

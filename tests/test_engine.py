@@ -16,7 +16,14 @@ LENGTHS = (3, 11, 6, 1)
 @pytest.fixture
 def engine(tiny_lm):
     _, model, tokenizer = tiny_lm
-    return Engine(model, tokenizer)
+    return Engine(model, tokenizer, compile=False)
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def any_engine(tiny_lm, request):
+    """The engine decoding eagerly and through torch.compile: each must pass the tests that use this."""
+    _, model, tokenizer = tiny_lm
+    return Engine(model, tokenizer, compile=request.param)
 
 
 @pytest.fixture
@@ -38,19 +45,19 @@ def full_forward_greedy(model, prompt, steps):
     return seq[len(prompt):], logprobs
 
 
-def test_kv_cache_equals_full_recomputation_for_mixed_prompt_lengths(engine, prompts):
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[]), return_logprobs=True)
+def test_kv_cache_equals_full_recomputation_for_mixed_prompt_lengths(any_engine, prompts):
+    gens = any_engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[]), return_logprobs=True)
     for prompt, gen in zip(prompts, gens):
-        ids, logprobs = full_forward_greedy(engine.model, prompt, 12)
+        ids, logprobs = full_forward_greedy(any_engine.model, prompt, 12)
         assert gen.ids == ids
         assert gen.logprobs == pytest.approx(logprobs, abs=1e-4)
         assert gen.finish_reason == "length" and gen.prompt_ids == prompt
 
 
-def test_a_row_does_not_depend_on_its_batch(engine, prompts):
+def test_a_row_does_not_depend_on_its_batch(any_engine, prompts):
     params = SamplingParams(max_new_tokens=10, stop_ids=[])
-    together = engine.generate(prompts, params)
-    alone = [engine.generate([p], params)[0] for p in prompts]
+    together = any_engine.generate(prompts, params)
+    alone = [any_engine.generate([p], params)[0] for p in prompts]
     assert [g.ids for g in together] == [g.ids for g in alone]
 
 
@@ -60,13 +67,13 @@ def full_logprobs(model, prompt, ids):
     return logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1).tolist()
 
 
-def test_logprobs_are_the_raw_model_distribution_whatever_the_sampling(engine, prompts):
+def test_logprobs_are_the_raw_model_distribution_whatever_the_sampling(any_engine, prompts):
     params = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.5,
                             stop_ids=[], seed=3)
-    for prompt, gen in zip(prompts, engine.generate(prompts, params, return_logprobs=True)):
+    for prompt, gen in zip(prompts, any_engine.generate(prompts, params, return_logprobs=True)):
         assert len(gen.logprobs) == len(gen.ids) == 10
-        assert gen.logprobs == pytest.approx(full_logprobs(engine.model, prompt, gen.ids), abs=1e-4)
-    assert engine.generate(prompts, params)[0].logprobs is None
+        assert gen.logprobs == pytest.approx(full_logprobs(any_engine.model, prompt, gen.ids), abs=1e-4)
+    assert any_engine.generate(prompts, params)[0].logprobs is None
 
 
 def test_top_k_1_sampling_equals_greedy(engine, prompts):
@@ -114,10 +121,10 @@ def test_repetition_penalty_discourages_seen_tokens(engine, prompts):
     assert repeats(penalised) < repeats(plain)
 
 
-def test_stop_tokens_end_their_row_only(engine, prompts):
-    free = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[]))
+def test_stop_tokens_end_their_row_only(any_engine, prompts):
+    free = any_engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[]))
     stop = free[0].ids[4]  # a token that row 0 produces at step 5
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[stop]), return_logprobs=True)
+    gens = any_engine.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=[stop]), return_logprobs=True)
     for f, g in zip(free, gens):
         if stop in f.ids:
             cut = f.ids.index(stop)
@@ -135,12 +142,12 @@ def test_default_stop_ids_are_the_tokenizers(engine, prompts):
     assert gen.ids == [] and gen.finish_reason == "stop"
 
 
-def test_streaming_yields_the_same_tokens_as_generate(engine, prompts):
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop_ids=[engine.generate(
+def test_streaming_yields_the_same_tokens_as_generate(any_engine, prompts):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop_ids=[any_engine.generate(
         prompts, SamplingParams(max_new_tokens=3, stop_ids=[]))[1].ids[2]])
-    gens = engine.generate(prompts, params, num_samples=2)
+    gens = any_engine.generate(prompts, params, num_samples=2)
     streamed: dict[int, list[int]] = {}
-    stream = engine.stream(prompts, params, num_samples=2)
+    stream = any_engine.stream(prompts, params, num_samples=2)
     for step in stream:
         assert len({row for row, _ in step}) == len(step)
         for row, token in step:
@@ -151,10 +158,10 @@ def test_streaming_yields_the_same_tokens_as_generate(engine, prompts):
     assert [g.ids for g in stream.generations()] == [g.ids for g in gens]
 
 
-def test_cancelling_a_row_drops_it_and_leaves_the_others(engine, prompts):
+def test_cancelling_a_row_drops_it_and_leaves_the_others(any_engine, prompts):
     params = SamplingParams(max_new_tokens=8, stop_ids=[])
-    full = engine.generate(prompts, params)
-    stream = engine.stream(prompts, params)
+    full = any_engine.generate(prompts, params)
+    stream = any_engine.stream(prompts, params)
     rows_per_step = []
     for n, step in enumerate(stream):
         rows_per_step.append(sorted(row for row, _ in step))
@@ -175,17 +182,61 @@ def test_closing_a_stream_cancels_the_unfinished_rows(engine, prompts):
         next(stream)
 
 
-def test_num_samples_prefills_once_and_matches_repeated_prompts(engine, prompts):
+def test_num_samples_prefills_once_and_matches_repeated_prompts(any_engine, prompts):
     greedy = SamplingParams(max_new_tokens=8, stop_ids=[])
-    single = engine.generate(prompts, greedy)
-    triple = engine.generate(prompts, greedy, num_samples=3)
+    single = any_engine.generate(prompts, greedy)
+    triple = any_engine.generate(prompts, greedy, num_samples=3)
     assert [g.ids for g in triple] == [g.ids for g in single for _ in range(3)]
     assert [g.prompt_ids for g in triple] == [p for p in prompts for _ in range(3)]
     sampled = SamplingParams(max_new_tokens=8, temperature=1.0, stop_ids=[], seed=11)
-    by_samples = engine.generate(prompts, sampled, num_samples=3)
-    by_repeats = engine.generate([p for p in prompts for _ in range(3)], sampled)
+    by_samples = any_engine.generate(prompts, sampled, num_samples=3)
+    by_repeats = any_engine.generate([p for p in prompts for _ in range(3)], sampled)
     assert [g.ids for g in by_samples] == [g.ids for g in by_repeats]
     assert len({tuple(g.ids) for g in by_samples[:3]}) > 1  # the samples of one prompt differ
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_log_probs(tiny_lm, prompts):
+    _, model, tokenizer = tiny_lm
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_ids=[7, 9], seed=4)
+    eager = Engine(model, tokenizer, compile=False).generate(prompts, params, return_logprobs=True)
+    compiled = Engine(model, tokenizer, compile=True).generate(prompts, params, return_logprobs=True)
+    assert [g.ids for g in compiled] == [g.ids for g in eager]
+    for c, e in zip(compiled, eager):
+        assert c.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+
+
+def test_a_failing_compiler_warns_once_and_decodes_eagerly(tiny_lm, prompts, monkeypatch):
+    import chatforge.infer.engine as engine_module
+
+    def broken(fn, **kw):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(engine_module, "_compiled_decode_step", None)
+    monkeypatch.setattr(engine_module, "_compile_failed", False)
+    _, model, tokenizer = tiny_lm
+    params = SamplingParams(max_new_tokens=6, stop_ids=[])
+    expected = [g.ids for g in Engine(model, tokenizer, compile=False).generate(prompts, params)]
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as caught:
+        got = [g.ids for g in Engine(model, tokenizer, compile=True).generate(prompts, params)]
+        got_again = [g.ids for g in Engine(model, tokenizer, compile=True).generate(prompts, params)]
+    assert got == got_again == expected
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_default_policy_compiles_only_after_enough_decode_steps(tiny_lm, prompts, monkeypatch):
+    import chatforge.infer.engine as engine_module
+    monkeypatch.delenv("CHATFORGE_COMPILE", raising=False)
+    monkeypatch.setattr(engine_module, "COMPILE_AFTER_STEPS", 5)
+    _, model, tokenizer = tiny_lm
+    engine = Engine(model, tokenizer)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=5, stop_ids=[]))  # 4 decode steps after prefill
+    assert engine.decode_steps == 4 and not engine._compiled_now()
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_ids=[]))
+    assert engine._compiled_now() and not Engine(model, tokenizer)._compiled_now()
+    monkeypatch.setenv("CHATFORGE_COMPILE", "0")
+    assert Engine(model, tokenizer).compile is False and Engine(model, tokenizer, compile=True).compile is True
 
 
 def test_generation_stops_at_the_context_length(engine):

@@ -12,6 +12,8 @@ whatever sampling settings picked the tokens.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,20 +87,40 @@ class Stream:
         return self._run.generations()
 
 
+# Decode steps an engine runs eagerly before the default policy compiles: the compiler's tens of seconds pay
+# off over thousands of steps (a PPO run, an evaluation, a server), never in a short job.
+COMPILE_AFTER_STEPS = 2048
+
+
 class Engine:
     """Batched generation with a KV cache from a GPT (any of its adapters attached) and its tokenizer.
 
     `device`/`dtype` move the model when given; otherwise it is used where and as it is. Generation runs
     without gradients and in eval mode (a model in training mode is switched back after every forward).
+
+    The decode step can run through torch.compile (see `_decode_step`): `compile=True` from the first step,
+    False never, None (the default) once this engine has decoded `COMPILE_AFTER_STEPS` steps eagerly, so that
+    a short job never waits for the compiler and a long one (PPO, evaluation, serving) runs compiled. The
+    environment variable CHATFORGE_COMPILE=0 or 1 changes that default. Without a working compiler the engine
+    warns once and stays eager; the tokens are the same either way (up to float rounding).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, compile: bool | None = None) -> None:
         if device is not None or dtype is not None:
             model.to(device=pick_device(device) if device is not None else None, dtype=dtype)
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
+        if compile is None and os.environ.get("CHATFORGE_COMPILE", "") in ("0", "1"):
+            compile = os.environ["CHATFORGE_COMPILE"] == "1"
+        self.compile = compile
+        self.decode_steps = 0  # run so far, for the default compile policy
+
+    def _compiled_now(self) -> bool:
+        if self.compile is None:
+            return self.decode_steps >= COMPILE_AFTER_STEPS and self.device.type in ("cpu", "cuda")
+        return self.compile
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, device: str | torch.device | None = None,
@@ -196,7 +218,8 @@ class _Run:
                     else:
                         tokens = tokens[index]
                 if tokens is not None:
-                    logits = decoder.step(tokens)
+                    logits = decoder.step(tokens, self.engine._compiled_now())
+                    self.engine.decode_steps += 1
                 tokens, logprobs = decoder.sample(logits, self.generator, self.logprobs is not None)
             yield self._record(alive, tokens.tolist(), logprobs.tolist() if logprobs is not None else None)
 
@@ -219,7 +242,12 @@ class _Run:
 
 
 class _Decoder:
-    """The tensor side of a run: left-padded prefill, then one token per live row per step."""
+    """The tensor side of a run: left-padded prefill, then one token per live row per step.
+
+    Every row writes its step's token at the same cache slot (`slot`, a one-element tensor) and attends over
+    all slots under a mask of those holding its real tokens, so a step's shapes never change: one compiled
+    graph serves every step (of every run with the same batch size being one or more).
+    """
 
     def __init__(self, model: GPT, prompts: list[list[int]], num_samples: int, max_new: int,
                  params: SamplingParams) -> None:
@@ -230,16 +258,17 @@ class _Decoder:
         self.ragged = min(lengths) != width
         pad = [width - n for n in lengths]
         self.ids = torch.tensor([[0] * k + p for k, p in zip(pad, prompts)], device=device)
-        self.pad = torch.tensor(pad, device=device)
+        self.pad = torch.tensor(pad, device=device).unsqueeze(1)  # [B, 1]
         self.num_samples = num_samples
         dtype = model.lm_head.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
         self.cache = KVCache(model.config, len(prompts), width + max_new, device, dtype)
         # key_ok[b, s]: slot s of row b holds a real token (not left padding); slots past the prompt always do.
-        slots = torch.arange(width + max_new, device=device)
-        self.key_ok = slots[None, :] >= self.pad[:, None]
-        self.next_pos = torch.tensor(lengths, device=device).unsqueeze(1)  # [B, 1]
+        self.key_ok = torch.arange(width + max_new, device=device)[None, :] >= self.pad
+        self.slot = torch.tensor([width], device=device)  # where the next step's tokens go
+        # A model with its own cache layout (P-tuning's virtual tokens) appends instead, shapes growing.
+        self.static = type(model).hidden is GPT.hidden
         self.seen = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
@@ -252,34 +281,38 @@ class _Decoder:
         if self.ragged:
             width = self.ids.shape[1]
             t = torch.arange(width, device=self.ids.device)
-            positions = (t[None, :] - self.pad[:, None]).clamp(min=0)
+            positions = (t[None, :] - self.pad).clamp(min=0)
             causal = t[None, :] <= t[:, None]
             # Padding queries see themselves only, so no softmax row is empty (NaNs would reach real rows).
             mask = (causal & self.key_ok[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=t.device)
             mask = mask.unsqueeze(1)
-        hidden = self.model.hidden(self.ids, positions=positions, cache=self.cache, mask=mask)
-        logits = self.model.lm_head(hidden[:, -1])
+        hidden = self.model.hidden(self.ids, positions=positions, cache=self.cache, mask=mask)  # appends
+        if self.static:
+            self.cache.slots = self.slot  # decode steps write at a slot instead
+        logits = self.model.logits(hidden[:, -1])
         if self.num_samples > 1:  # copy each prompt's cache rows instead of prefilling it again
             rows = torch.arange(len(self.ids), device=logits.device).repeat_interleave(self.num_samples)
             self.keep(rows)
             logits = logits[rows]
         return logits
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, compiled: bool) -> torch.Tensor:
         """Feed one token per live row; logits [rows, vocab] for the next."""
-        positions = mask = None
-        if self.ragged:
-            positions = self.next_pos
+        if self.static:
+            logits = _run_decode_step(compiled, self.model, self.cache, tokens, self.pad, self.key_ok)
+        else:
             mask = self.key_ok[:, None, None, :self.cache.length + 1]
-        hidden = self.model.hidden(tokens.unsqueeze(1), positions=positions, cache=self.cache, mask=mask)
-        self.next_pos += 1
-        return self.model.lm_head(hidden[:, -1])
+            hidden = self.model.hidden(tokens.unsqueeze(1), positions=self.slot - self.pad, cache=self.cache,
+                                       mask=mask)
+            logits = self.model.logits(hidden[:, -1])
+        self.slot += 1
+        return logits
 
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these batch rows only (in this order)."""
         self.cache.select(rows)
         self.key_ok = self.key_ok[rows]
-        self.next_pos = self.next_pos[rows]
+        self.pad = self.pad[rows]
         if self.seen is not None:
             self.seen = self.seen[rows]
 
@@ -308,6 +341,37 @@ class _Decoder:
         return tokens, logprobs
 
 
+def _decode_step(model: GPT, cache: KVCache, tokens: torch.Tensor, pad: torch.Tensor,
+                 key_ok: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, vocab] after feeding `tokens` [rows] at cache slot `cache.slots` (one for all rows,
+    which are left-padded by `pad` [rows, 1]); `key_ok` [rows, max_len] marks the slots that are not padding."""
+    slot = cache.slots
+    mask = key_ok & (torch.arange(key_ok.shape[1], device=key_ok.device) <= slot)
+    hidden = model.hidden(tokens.unsqueeze(1), positions=slot - pad, cache=cache, mask=mask[:, None, None, :])
+    return model.logits(hidden[:, -1])
+
+
+_compiled_decode_step = None  # torch.compile(_decode_step), shared: its graphs are keyed by the model's structure
+_compile_failed = False
+
+
+def _run_decode_step(compiled: bool, *args: object) -> torch.Tensor:
+    """`_decode_step`, compiled when asked and possible (one warning and eager from then on when not)."""
+    global _compiled_decode_step, _compile_failed
+    if compiled and not _compile_failed:
+        try:
+            if _compiled_decode_step is None:
+                # Batch and cache length dynamic: one graph for one row, one for several (any cache length).
+                _compiled_decode_step = torch.compile(_decode_step, dynamic=True)
+            return _compiled_decode_step(*args)
+        except Exception as e:  # no C++ compiler, an unsupported device, ...: the eager step gives the same tokens
+            _compile_failed = True
+            warnings.warn(f"torch.compile of the decode step failed, decoding without it: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                          RuntimeWarning, stacklevel=2)
+    return _decode_step(*args)
+
+
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches `top_p` (the top token always)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -331,19 +395,19 @@ def _check_prompt(prompt: list[int], index: int, vocab_size: int, context: int) 
 
 
 class _inference:
-    """No gradients and eval mode for one forward; a model that was training is put back afterwards."""
+    """Inference mode and eval mode for one forward; a model that was training is put back afterwards."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.no_grad = torch.no_grad()
+        self.inference_mode = torch.inference_mode()
 
     def __enter__(self) -> None:
         self.was_training = self.model.training
         if self.was_training:
             self.model.eval()
-        self.no_grad.__enter__()
+        self.inference_mode.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.no_grad.__exit__(*exc)
+        self.inference_mode.__exit__(*exc)
         if self.was_training:
             self.model.train()

@@ -156,7 +156,13 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [batch, kv_heads, max_len, head_dim]."""
+    """Preallocated keys and values for every layer: [batch, kv_heads, max_len, head_dim].
+
+    By default a forward appends its tokens at `length` and attends to the filled slots, so shapes grow step by
+    step. With `slots` set (a long tensor: the cache index of each input token, the same for every row) a
+    forward writes there and attends to all `max_len` slots under the caller's mask, leaving `length` alone:
+    every decode step then has the same shapes, which is what lets one compiled graph serve them all.
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -164,6 +170,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # positions filled so far (same for all rows; rows are left-padded)
         self.max_len = max_len
+        self.slots: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (drop finished sequences, or repeat a prefilled prompt for N samples)."""
@@ -249,6 +256,21 @@ def _fast_attention(q: torch.Tensor, T: int) -> bool:
             and q.shape[0] * q.shape[1] * T * T <= _FAST_ATTENTION_MAX_PROBS)
 
 
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """`layer(x)` for a projection; a plain `nn.Linear` goes through `project` (adapters are called as modules)."""
+    return project(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a single row being compiled (decoding one sequence): written there as a multiply
+    and a sum over the inputs, which inductor turns into one vectorised pass over the weights. A GEMM library
+    at one row runs several times below memory speed, and reading the weights is all a one-row step does."""
+    if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+        y = (weight * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 FUSE_MIN_TOKENS = 64  # below this many tokens (decoding), stacking the weights costs more than it saves
 
 
@@ -257,8 +279,8 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor
 
     Plain `nn.Linear`s become one matmul with their weights stacked: a bigger GEMM is faster, and autograd
     splits the gradient back to each weight. Stacking copies the weights, which costs more than it saves when
-    only a few tokens go through (decoding): those run one by one, calling F.linear directly because the
-    module-call overhead is a real part of a decoding step. Adapter-wrapped layers are called as modules.
+    only a few tokens go through (decoding): those run one by one through `project`, skipping the module call,
+    whose overhead is a real part of an eager decoding step. Adapter-wrapped layers are called as modules.
     (Either way, forward hooks on these projections do not fire.)
     """
     if not all(type(m) is nn.Linear for m in layers):
@@ -267,7 +289,7 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor
         weight = torch.cat([m.weight for m in layers])
         bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
         return F.linear(x, weight, bias)
-    return torch.cat([F.linear(x, m.weight, m.bias) for m in layers], dim=-1)
+    return torch.cat([project(x, m.weight, m.bias) for m in layers], dim=-1)
 
 
 class Attention(nn.Module):
@@ -288,7 +310,11 @@ class Attention(nn.Module):
         # split, not slicing: its backward is one concatenation instead of zero-filled buffers per slice
         qk, v = qkv.split((H + K, K), dim=1)
         q, k = apply_rope(qk, cos, sin).split((H, K), dim=1)  # queries and keys rotated together
-        if cache is not None:
+        if cache is not None and cache.slots is not None:  # static shapes: the caller's mask hides unfilled slots
+            cache.k[self.layer].index_copy_(2, cache.slots, k)
+            cache.v[self.layer].index_copy_(2, cache.slots, v)
+            k, v = cache.k[self.layer], cache.v[self.layer]
+        elif cache is not None:
             start = cache.length
             cache.k[self.layer][:, :, start:start + T] = k
             cache.v[self.layer][:, :, start:start + T] = v
@@ -297,12 +323,12 @@ class Attention(nn.Module):
         # Grouped-query attention without copying keys/values per query head.
         gqa = K != H
         if cache is None and mask is None and _fast_attention(q, T):
-            return self.o_proj(CausalAttention.apply(q, k, v))
+            return linear(CausalAttention.apply(q, k, v), self.o_proj)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
+        return linear(y.transpose(1, 2).reshape(B, T, H * self.hd), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -314,7 +340,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 class Block(nn.Module):
@@ -408,13 +434,17 @@ class GPT(nn.Module):
         cos, sin = self.rope(positions, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype, start, T)
         for block in self.model.layers:
             x = block(x, cos, sin, cache, mask)
-        if cache is not None:
+        if cache is not None and cache.slots is None:
             cache.length += T
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden(input_ids, **kw))
+        return self.logits(self.hidden(input_ids, **kw))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states from `hidden`."""
+        return linear(hidden, self.lm_head)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
