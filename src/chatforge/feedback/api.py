@@ -38,6 +38,7 @@ from chatforge.feedback.auth import admin_dependency, labeler_dependency
 from chatforge.feedback.export import KINDS as EXPORT_KINDS
 from chatforge.feedback.export import export_records
 from chatforge.feedback.store import Conflict, FeedbackStore, Labeler, Submission, Task
+from chatforge.serve.body_limit import BodyLimit
 
 PAGES_DIR = resources.files("chatforge.feedback") / "pages"
 PAGES = {"index.html", "rank.html", "write.html", "chat.html", "admin.html", "common.js", "index.js", "rank.js",
@@ -350,39 +351,8 @@ def feedback_router(store: FeedbackStore, sampler: Sampler | None = None) -> API
 
 # ---------------------------------------------------------------- the app of `chatforge label`
 
-class BodyLimit:
-    """400 for a body over MAX_BODY even when it is streamed without a Content-Length (pure ASGI)."""
-
-    def __init__(self, app, max_bytes: int = MAX_BODY) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                response = JSONResponse({"detail": f"request body is larger than the limit of {self.max_bytes} "
-                                                   "bytes"}, status_code=400)
-                await response(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+def _body_too_large(max_bytes: int) -> JSONResponse:
+    return JSONResponse({"detail": f"request body is larger than the limit of {max_bytes} bytes"}, status_code=400)
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -409,5 +379,5 @@ def label_app(store: FeedbackStore, sampler: Sampler | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "schema_version": store.version, "model": sampler is not None}
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY, reject=_body_too_large)
     return app

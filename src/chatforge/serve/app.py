@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.safety import Moderator
+from chatforge.serve.body_limit import BodyLimit
 
 STATIC_DIR = resources.files("chatforge.serve") / "static"
 # The page loads nothing from elsewhere and runs no inline script: a stray <script> in output cannot run.
@@ -61,13 +62,9 @@ class APIError(Exception):
 
 # --- middleware (pure ASGI: runs before FastAPI reads the body) --------------------------------------------
 
-async def _send_error(send, err: APIError, headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(err.body()).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *extra]})
-    await send({"type": "http.response.body", "body": payload})
+def _body_too_large(max_bytes: int) -> JSONResponse:
+    return APIError(413, f"request body is larger than the server's limit of {max_bytes} bytes",
+                    param="body", code="request_too_large").response()
 
 
 class APIKeyMiddleware:
@@ -83,52 +80,11 @@ class APIKeyMiddleware:
             scheme, _, token = header.partition(b" ")
             ok = scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), k) for k in self.keys)
             if not ok:
-                await _send_error(send, APIError(401, "missing or invalid API key: send the header "
-                                                      "'Authorization: Bearer <key>'", code="invalid_api_key"),
-                                  {"WWW-Authenticate": "Bearer"})
+                denied = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+                await denied.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """413 for a body over the limit, whether announced by Content-Length or streamed in chunks."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = APIError(413, f"request body is larger than the server's limit of {self.max_bytes} bytes",
-                           param="body", code="request_too_large")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await _send_error(send, too_big)
-            return
-        # Read the whole (bounded) body first, then replay it; later receives pass through (disconnects).
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await _send_error(send, too_big)
-                return
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # --- error handlers ---------------------------------------------------------------------------------------
@@ -213,6 +169,6 @@ def create_app(scheduler: Any, settings: ServeSettings | None = None, moderator:
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     # Last added runs first: the key is checked before the body is read.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, reject=_body_too_large)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     return app
