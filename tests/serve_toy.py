@@ -48,7 +48,7 @@ class LiveServer:
     """An ASGI app served by uvicorn on a free localhost port in a background thread (a real socket, so the
     openai client, raw sockets and the browser all talk HTTP to it)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, close=None) -> None:
         import socket
         import threading
 
@@ -59,6 +59,7 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
+        self.close = close  # called after the server stops, e.g. to stop the app's scheduler
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -76,7 +77,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
-        self.app.state.scheduler.close()
+        if self.close is not None:
+            self.close()
 
 
 def serve(ckpt: Path, moderation: Path | None = None, **settings) -> LiveServer:
@@ -88,4 +90,5 @@ def serve(ckpt: Path, moderation: Path | None = None, **settings) -> LiveServer:
     scheduler_args = {k: settings.pop(k) for k in ("max_batch_rows", "max_queue", "batch_window") if k in settings}
     scheduler = Scheduler(Engine.load(ckpt, device="cpu"), **scheduler_args)
     moderator = Moderator.load(moderation) if moderation else None
-    return LiveServer(create_app(scheduler, ServeSettings(model_name="parrot", **settings), moderator))
+    return LiveServer(create_app(scheduler, ServeSettings(model_name="parrot", **settings), moderator),
+                      close=scheduler.close)

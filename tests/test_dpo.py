@@ -12,13 +12,7 @@ from chatforge.train.dpo import (DPOConfig, collate_pairs, dpo_loss, encode_pair
 from rl_toy import COLOURS, QUESTIONS, TARGET
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only adds contention
 
 
 def write_rankings(path):

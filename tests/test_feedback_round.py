@@ -2,12 +2,9 @@
 labelled by the gold labeler through the HTTP API, then `feedback round`: reward model, PPO, evaluation, Elo,
 report."""
 import json
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
+from serve_toy import LiveServer
 
 from chatforge import ChatforgeError
 from chatforge.feedback.api import label_app
@@ -20,34 +17,15 @@ PROMPTS = 200  # every reward prompt of the small world
 
 
 @pytest.fixture
-def one_torch_thread():
-    """Faster than two threads on a shared two-core machine."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def label_server(tmp_path):
     store = FeedbackStore.open(tmp_path / "run" / "feedback.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(label_app(store), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield store, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(label_app(store)) as live:
+        yield store, live.url
     store.close()
 
 
 def test_one_simulated_round_improves_on_chance_and_reports_its_numbers(sft_ckpt, small_world, label_server, tmp_path,
-                                                                      one_torch_thread):
+                                                                      one_thread):
     store, url = label_server
     run = tmp_path / "run"
     added, _ = add_tasks(store, "ranking", prompts=str(small_world / "prompts" / "reward.jsonl"), policy=str(sft_ckpt),

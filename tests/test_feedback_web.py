@@ -2,14 +2,9 @@
 demonstration, with reloads in the middle; the export holds exactly those records. Label text is shown as
 text: an answer containing <script> runs nothing."""
 import json
-import shutil
-import socket
-import tempfile
-import threading
-import time
 
 import pytest
-import uvicorn
+from serve_toy import LiveServer
 
 from chatforge.data.chat import read_conversations
 from chatforge.data.preferences import read_comparisons
@@ -17,31 +12,10 @@ from chatforge.feedback.api import label_app
 from chatforge.feedback.export import export
 from chatforge.feedback.store import FeedbackStore
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 BEST, TIED_A, TIED_B = "The capital of France is Paris.", "Paris.", "Paris, I think."
 SCRIPT = "<script>window.pwned = 1; alert('x')</script><b>Lyon</b>"
 DEMO_PROMPT = [{"role": "user", "content": "Name a large animal."}]
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chatforge-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1200,1600"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture
@@ -50,23 +24,14 @@ def server(tmp_path):
     store.add_tasks("ranking", [(PROMPT, [TIED_A, SCRIPT, BEST, TIED_B])], source="test")
     store.add_tasks("demonstration", [(DEMO_PROMPT, ["An elephant is large."])], source="test")
     token = store.add_labeler("alice")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     calls = []
 
     def sampler(messages, n):  # a stand-in model: a different answer on every call
         calls.append(1)
         return [f"Answer number {len(calls)}." for _ in range(n)]
 
-    uv = uvicorn.Server(uvicorn.Config(label_app(store, sampler), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store, token
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(label_app(store, sampler)) as live:
+        yield live.url, store, token
     store.close()
 
 
