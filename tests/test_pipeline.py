@@ -33,11 +33,11 @@ lr = 1e-4
 threads = 1
 
 [ppo]
-iterations = 8
+iterations = 10
 rollout_batch = 16
 minibatch = 8
 max_new_tokens = 32
-lr = 3e-5
+lr = 1e-4
 kl_coef = 0.02
 threads = 1
 
@@ -83,8 +83,14 @@ def test_report_files_parse_and_ppo_beats_sft_on_the_reward_model(e2e):
     assert models["ppo"]["rm_score"] > models["sft"]["rm_score"], (models["ppo"]["rm_score"], models["sft"]["rm_score"])
     assert models["ppo"]["kl_to_sft"]["kl"] > 0
     assert set(models["base"]["fewshot"]) == {"0", "1"}
+    assert all(0 <= v["accuracy"] <= v["mentions_answer"] <= 1 for v in models["base"]["fewshot"].values())
     assert {"pretrain", "ppo"} <= set(report["plots"])
     assert "<h2>Models on the gold labeler</h2>" in (run.dir / "report.html").read_text()
+    checks = {t["target"]: t for t in report["targets"]}
+    assert checks["reward model held-out accuracy >= 80%"]["met"] == (report["evaluation"]["reward_model"]["heldout"]["accuracy"] >= 0.8)
+    assert {"PPO harmful compliance <= 2%", "SFT fact accuracy >= 90%"} <= set(checks)
+    missed = sum(not t["met"] for t in checks.values())
+    assert f"{len(checks) - missed} met, {missed} missed" in (run.dir / "report.html").read_text()
 
 
 def test_rerun_skips_finished_stages_and_resumes_at_the_first_missing_one(e2e, capsys):

@@ -148,12 +148,15 @@ def _text_metrics(rows: list[dict]) -> dict[str, float]:
     return {"bleu": round(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, 2), "rougeL": round(rouge, 4)}
 
 
-def _fewshot(engine: Any, world: Path, cfg: EvalConfig) -> dict[str, float]:
+def _fewshot(engine: Any, world: Path, cfg: EvalConfig) -> dict[str, dict[str, float]]:
+    """Per k: exact answers in the examples' form, and answers that merely mention the capital (knowledge that a
+    base model trained on full-sentence answers shows in its own words)."""
     from chatforge.eval.fewshot import evaluate_fewshot, read_task
     items = read_task(world / "fewshot" / "capitals.jsonl")
     task, pool = items[:cfg.fewshot_limit], items[cfg.fewshot_limit:]
     result = evaluate_fewshot(engine, task, cfg.fewshot_k, fmt="plain", pool=pool or None, seed=cfg.seed)
-    return {str(k): round(result["k"][k]["accuracy"], 4) for k in cfg.fewshot_k}
+    return {str(k): {"accuracy": round(result["k"][k]["accuracy"], 4),
+                     "mentions_answer": round(result["k"][k]["mentions_answer"], 4)} for k in cfg.fewshot_k}
 
 
 def _examples(engine: Any, cfg: EvalConfig) -> list[str]:
