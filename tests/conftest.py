@@ -1,7 +1,12 @@
 """Session-scoped fixtures shared by several test files. Each fixture is small and says what it builds."""
+import os
 from pathlib import Path
 
 import pytest
+
+# The engine compiles its decode step after 2048 eager steps; a compile costs tens of seconds on 2 cores, which
+# tests that use one engine for long (the server's) would pay at random. Compilation has its own tests (compile=True).
+os.environ.setdefault("CHATFORGE_COMPILE", "0")
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
