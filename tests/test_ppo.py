@@ -137,6 +137,120 @@ def test_run_ppo_writes_a_policy_checkpoint(rl_toy, tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+# ---------------------------------------------------------------- resume, and LoRA-PPO's output
+
+def run_cfg(rl_toy, out, **kw) -> PPOConfig:
+    base = dict(policy=str(rl_toy.sft), reward_model=str(rl_toy.reward), prompts=str(rl_toy.prompts), out=str(out),
+                iterations=4, save_every=2, rollout_batch=6, minibatch=3, max_new_tokens=6, adaptive_kl=True,
+                kl_coef=0.1, kl_horizon=50.0, score_norm=True, eval_prompts=str(rl_toy.prompts), eval_every=2,
+                eval_size=3, sample_every=0, progress=False, device="cpu")
+    return PPOConfig(**{**base, **kw})
+
+
+def metrics(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the run stops where it is, with nothing cleaned up."""
+
+
+def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_one(rl_toy, tmp_path, monkeypatch):
+    whole = metrics(run_ppo(run_cfg(rl_toy, tmp_path / "whole")))
+
+    # stopped by an iterations limit after 2, then continued to 4
+    limited = tmp_path / "limited"
+    run_ppo(run_cfg(rl_toy, limited, iterations=2))
+    with pytest.raises(ChatforgeError, match="pass --resume"):
+        run_ppo(run_cfg(rl_toy, limited))
+    with pytest.raises(ChatforgeError, match=r"cannot resume .*limited: kl_coef changed \(0.1 -> 0.2\)"):
+        run_ppo(run_cfg(rl_toy, limited, kl_coef=0.2, resume=True))
+    run_ppo(run_cfg(rl_toy, limited, resume=True))
+
+    # killed during iteration 4: saved at 2, iteration 3 already logged
+    killed = tmp_path / "killed"
+    update, calls = ppo.ppo_update, []
+
+    def dies_in_iteration_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed()
+        return update(*args, **kwargs)
+    monkeypatch.setattr(ppo, "ppo_update", dies_in_iteration_4)
+    with pytest.raises(Killed):
+        run_ppo(run_cfg(rl_toy, killed))
+    assert read_meta(killed)["metrics"]["iterations"] == 2
+    assert [r["iteration"] for r in metrics(killed) if "reward" in r] == [1, 2, 3]
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    run_ppo(run_cfg(rl_toy, killed, resume=True))
+
+    trained = [r for r in whole if "reward" in r]
+    assert [r["iteration"] for r in trained] == [1, 2, 3, 4]
+    assert len({round(r["kl_coef"], 9) for r in trained}) == 4  # the adaptive β moved: its state must carry over
+    for run in (limited, killed):
+        rows = metrics(run)
+        assert [r["iteration"] for r in rows if "eval_kl" in r] == [0, 2, 4]  # nothing logged twice
+        for a, b in zip(trained, [r for r in rows if "reward" in r], strict=True):
+            assert a["iteration"] == b["iteration"]
+            for key in ("reward", "kl", "rm_score", "kl_coef", "value_loss", "entropy", "clip_frac"):
+                assert abs(a[key] - b[key]) < 1e-6, (run.name, a["iteration"], key, a[key], b[key])
+    final = load_model(tmp_path / "whole")[0].state_dict()
+    for run in (limited, killed):
+        for name, tensor in load_model(run)[0].state_dict().items():
+            assert torch.equal(tensor, final[name]), (run.name, name)
+    assert "nothing to do" in _resume_output(run_cfg(rl_toy, killed, resume=True))
+
+
+def _resume_output(cfg: PPOConfig) -> str:
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        run_ppo(cfg)
+    return buffer.getvalue()
+
+
+def test_lora_ppo_writes_the_adapter_alone(rl_toy, tmp_path, monkeypatch):
+    from chatforge.checkpoint import file_hash
+    from chatforge.infer.engine import Engine, SamplingParams
+    sft_hash = file_hash(rl_toy.sft / "model.safetensors")
+    live = []  # the policy of each run, as it is in memory at the end
+    train = ppo.train_ppo
+
+    def keep_models(models, *args, **kwargs):
+        live.append(models.policy)
+        return train(models, *args, **kwargs)
+    monkeypatch.setattr(ppo, "train_ppo", keep_models)
+    out = run_ppo(run_cfg(rl_toy, tmp_path / "lora", iterations=2, lora=True, lora_rank=4, lr=1e-3,
+                          eval_prompts="", eval_every=0))
+    meta = read_meta(out)
+    assert meta["kind"] == "adapter" and meta["acts_as"] == "policy" and meta["stage"] == "ppo"
+    assert not (out / "model.safetensors").exists()
+    assert (out / "adapter.safetensors").stat().st_size < (rl_toy.sft / "model.safetensors").stat().st_size / 5
+    assert file_hash(rl_toy.sft / "model.safetensors") == sft_hash
+    sft, _, _ = load_model(rl_toy.sft)
+    policy_state = live[0].state_dict()
+    for name, tensor in sft.state_dict().items():  # the base under the adapters never moved
+        assert torch.equal(policy_state[name], tensor), name
+
+    loaded, tok, _ = load_model(out, expect_kind=("policy",))
+    merged_out = run_ppo(run_cfg(rl_toy, tmp_path / "merged", iterations=2, lora=True, lora_rank=4, lr=1e-3,
+                                 eval_prompts="", eval_every=0, lora_merge=True))
+    assert read_meta(merged_out)["kind"] == "policy" and (merged_out / "model.safetensors").is_file()
+    merged, _, _ = load_model(merged_out, expect_kind=("policy",))
+    prompts = rl_toy.prompt_ids()
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, stop_ids=tok.stop_ids)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        assert (live[0](ids) - sft(ids)).abs().max() > 1e-3  # the adapters did train
+        for saved, policy in ((loaded, live[0]), (merged, live[1])):
+            torch.testing.assert_close(saved(ids), policy(ids), atol=1e-5, rtol=0)
+    want = [g.ids for g in Engine(live[0].eval(), tok).generate(prompts, greedy)]
+    for model in (loaded, merged):  # same seed, same run: merged or not, the same policy
+        assert [g.ids for g in Engine(model.eval(), tok).generate(prompts, greedy)] == want
+    assert Engine.load(out).generate(prompts[:1], greedy)[0].ids == want[0]  # as chat and serve load it
+
+
 # ---------------------------------------------------------------- bad input, refused before any compute
 
 @pytest.fixture

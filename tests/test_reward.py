@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -148,9 +149,15 @@ def test_collect_samples_distinct_answers_for_human_labelers(rl_toy, tmp_path):
         read_comparisons(out)  # a labeler has to rank them first
 
 
-def test_collect_ranks_world_answers_with_the_gold_labeler(sft_ckpt, small_world, tmp_path):
+def test_collect_ranks_world_answers_with_the_gold_labeler(sft_ckpt, small_world, tmp_path, capsys):
     out = collect(CollectConfig(policy=str(sft_ckpt), world=str(small_world), out=str(tmp_path / "r.jsonl"),
-                                limit=12, max_new_tokens=48, disagreement=0.0))
+                                limit=12, max_new_tokens=48, disagreement=0.0, batch_size=4))
+    # not a terminal: plain progress lines, the first after one batch (with an ETA), the last at the end
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("reward collect: prompt ")]
+    assert len(lines) >= 2, lines
+    pattern = r"reward collect: prompt (\d+)/12, \d+/\d+ answers, [\d.]+ answers/s"
+    assert re.match(pattern + r", ETA \d+[hms]", lines[0]) and int(re.match(pattern, lines[0])[1]) < 12, lines[0]
+    assert re.match(pattern + "$", lines[-1]), lines[-1]
     comparisons = read_comparisons(out)  # what collect writes, train reads
     assert comparisons and all(4 <= len(c.answers) <= 9 and len(c.tiers) >= 2 for c in comparisons)
     from chatforge.data.world.labeler import GoldLabeler

@@ -187,7 +187,7 @@ def stage_ppo(run: Run, section: dict[str, Any]) -> dict[str, Any]:
     from chatforge.train.ppo import PPOConfig, run_ppo
     out = run.stage_dir("ppo")
     paths = {"policy": str(run.stage_dir("sft")), "reward_model": str(run.stage_dir("reward")),
-             "prompts": str(run.world / "prompts" / "ppo.jsonl"), "out": str(out)}
+             "prompts": str(run.world / "prompts" / "ppo.jsonl"), "out": str(out), "resume": (out / "state").exists()}
     if "ptx_corpus" not in section:
         paths["ptx_corpus"] = [str(run.world / "corpus")]
     if section.get("eval_every") and "eval_prompts" not in section:  # track gold and proxy on the dev split

@@ -20,10 +20,11 @@ zero-initialised head on the policy; the reward model is frozen.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
-import sys
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -33,12 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge import ChatforgeError
-from chatforge.checkpoint import RunLock, is_complete, load_model, read_meta, resolve, save_model_checkpoint
+from chatforge.checkpoint import (RunLock, atomic_write_text, is_complete, load_model, read_meta, resolve,
+                                 save_model_checkpoint)
 from chatforge.config import add_config_args, config_from_args
 from chatforge.device import autocast as bf16_autocast
 from chatforge.device import pick_device
@@ -47,7 +50,7 @@ from chatforge.model.heads import ScalarModel
 from chatforge.model.transformer import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import rl_math
-from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer
+from chatforge.train.loop import TrainConfig, _first_change, _short, lr_factor, make_optimizer, resume_fingerprint
 from chatforge.train.progress import Progress
 from chatforge.train.rl_math import masked_mean
 
@@ -66,6 +69,7 @@ class PPOConfig:
     lora: bool = False               # train LoRA adapters; the reference is then the base with adapters off
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    lora_merge: bool = False         # with lora: write the policy with the adapters merged in, not the adapter alone
     # rollouts
     iterations: int = 100
     rollout_batch: int = 64          # prompts answered per iteration
@@ -102,6 +106,8 @@ class PPOConfig:
     eval_every: int = 0
     eval_size: int = 64
     gold: bool = False               # score the eval answers with the tiny world's gold labeler too
+    save_every: int = 10             # iterations between resume checkpoints in `out` (and always at the end)
+    resume: bool = False             # continue the run in `out` exactly from its last saved iteration
     seed: int = 0
     device: str | None = None        # cuda, mps or cpu; default: the best available
     dtype: str = "fp32"              # fp32 | bf16 (autocast; the engine's and the update's log-probs then differ more)
@@ -113,6 +119,7 @@ class PPOConfig:
             (self.value_init in ("reward", "head"), f"value_init must be 'reward' or 'head', got {self.value_init!r}"),
             (self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}"),
             (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.rollout_batch >= 2, f"rollout_batch must be >= 2 (advantages are whitened), got {self.rollout_batch}"),
             (1 <= self.minibatch <= self.rollout_batch,
              f"minibatch must be in [1, rollout_batch={self.rollout_batch}], got {self.minibatch}"),
@@ -126,6 +133,7 @@ class PPOConfig:
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
             (not (self.lora and self.reference),
              "with lora the reference is the policy's own weights with the adapters off: leave reference unset"),
+            (not (self.lora_merge and not self.lora), "lora_merge needs lora"),
         ]
         for ok, message in checks:
             if not ok:
@@ -515,8 +523,8 @@ def evaluate(models: PPOModels, engine, prompts: list[list[int]], records: list[
 class Schedule:
     """The shared loop's learning-rate schedule (linear warmup, then constant), stepped once per optimizer step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> None:
-        self.optimizer, self.train_cfg, self.step_count = optimizer, train_cfg, 0
+    def __init__(self, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, step_count: int = 0) -> None:
+        self.optimizer, self.train_cfg, self.step_count = optimizer, train_cfg, step_count
         self._apply()
 
     def _apply(self) -> None:
@@ -532,41 +540,109 @@ class Schedule:
 
 
 class PPOProgress(Progress):
-    """The shared progress bar, showing PPO's numbers instead of a loss."""
+    """The shared progress bar, showing PPO's numbers instead of a loss; in logs, one line per iteration."""
 
-    def show(self, row: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        text = (f"reward {row['reward']:+.3f} rm {row['rm_score']:+.3f} KL {row['kl']:.2f} β {row['kl_coef']:.3f} "
-                f"ent {row['entropy']:.2f} clip {row['clip_frac']:.2f} len {row['answer_len']:.0f}")
-        if self.tty:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        else:
-            print(f"iteration {row['iteration']}/{self.total}: {text}", file=sys.stderr, flush=True)
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        super().__init__(total, initial, enabled, desc="ppo", unit="iteration", every=0.0)
+
+    def show_row(self, row: dict[str, float]) -> None:
+        self.show(row["iteration"], f"reward {row['reward']:+.3f} rm {row['rm_score']:+.3f} KL {row['kl']:.2f} "
+                                    f"β {row['kl_coef']:.3f} ent {row['entropy']:.2f} clip {row['clip_frac']:.2f} "
+                                    f"len {row['answer_len']:.0f}")
 
 
-def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, cache: Path):
-    """Endless random windows of the pretraining corpus's training split, for the ptx term.
+def ptx_stream(cfg: PPOConfig, tokenizer: Tokenizer, cache: Path, start: int = 0):
+    """Endless random windows of the pretraining corpus's training split, for the ptx term, from batch `start`.
 
     The shards are pretraining's own when `cache` is its token cache (same corpus, tokenizer and split).
     """
     from chatforge.data.tokens import WindowSampler, tokenize_corpus
     data = tokenize_corpus(cfg.ptx_corpus, tokenizer, cache, val_fraction=0.01, progress=cfg.progress)
     sampler = WindowSampler(data.train, cfg.ptx_context, cfg.ptx_batch, seed=cfg.seed)
-    step = 0
+    step = start
     while True:
         yield sampler(step)
         step += 1
 
 
+# ---------------------------------------------------------------- resume state
+
+STATE_VERSION = 1
+# Settings that may differ on --resume: they change what is observed, where, or for how long, never the result
+# of an iteration. `iterations` may grow: the schedule is constant after warmup.
+RESUME_FREE = ("out", "iterations", "save_every", "resume", "lora_merge", "sample_every", "eval_prompts",
+               "eval_every", "eval_size", "gold", "device", "threads", "progress")
+
+
+def _named(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _rng_state(generator: torch.Generator, prompt_rng: random.Random) -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": generator.get_state(),
+            "prompts": prompt_rng.getstate(),
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+
+
+def _set_rng_state(rng: dict[str, Any], generator: torch.Generator, prompt_rng: random.Random) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    generator.set_state(rng["shuffle"])
+    prompt_rng.setstate(rng["prompts"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def resume_fingerprint_of(cfg: PPOConfig) -> dict[str, Any]:
+    """What must be equal for --resume to continue exactly: the settings but RESUME_FREE, with the input files
+    identified by their contents rather than their paths."""
+    from chatforge.checkpoint import file_hash
+    return resume_fingerprint(cfg, drop=RESUME_FREE + ("policy", "reward_model", "reference", "prompts"),
+                              policy=weights_hash(resolve(cfg.policy)),
+                              reward_model=weights_hash(resolve(cfg.reward_model)),
+                              reference=cfg.reference and weights_hash(resolve(cfg.reference)),
+                              prompts=file_hash(cfg.prompts))
+
+
+def read_resume_state(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The resume state saved in `out`, refused if the run's settings or inputs changed since."""
+    trainer_pt = out / "state" / "trainer.pt"
+    if not trainer_pt.is_file():
+        raise ChatforgeError(f"{out}: checkpoint has no resume state (state/trainer.pt)")
+    state = torch.load(trainer_pt, map_location="cpu", weights_only=True)
+    if state.get("version") != STATE_VERSION or state.get("stage") != "ppo":
+        raise ChatforgeError(f"{trainer_pt}: not a PPO resume state of version {STATE_VERSION} "
+                             f"(stage {state.get('stage')!r}, version {state.get('version')!r})")
+    change = _first_change(state["fingerprint"], json.loads(json.dumps(fingerprint, default=str)))
+    if change:
+        key, old, new = change
+        raise ChatforgeError(f"cannot resume {out}: {key} changed ({_short(old)} -> {_short(new)}); "
+                             f"restore it or start a new run in another directory")
+    return state
+
+
+def _trim_metrics(path: Path, lines: int) -> list[dict[str, Any]]:
+    """metrics.jsonl cut to the lines the saved state had written (a killed run may have logged more)."""
+    kept = path.read_text().splitlines()[:lines] if path.is_file() else []
+    if len(kept) < lines:
+        raise ChatforgeError(f"{path}: {len(kept)} lines, the resume state has written {lines}")
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+# ---------------------------------------------------------------- the outer loop
+
 def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: Path | None = None,
               eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None = None, labeler=None,
-              log: Callable[[str], None] = print, token_cache: Path | None = None) -> list[dict[str, Any]]:
-    """Run `cfg.iterations` PPO iterations in place on `models`; returns the per-iteration statistics.
+              log: Callable[[str], None] = print, token_cache: Path | None = None,
+              resume_state: dict[str, Any] | None = None,
+              save_fn: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run PPO iterations in place on `models` up to `cfg.iterations`; returns the per-iteration statistics.
 
     `out` receives metrics.jsonl; `token_cache` holds the ptx corpus's token shards (default: token-cache/
-    beside `out`, where pretraining keeps them).
+    beside `out`, where pretraining keeps them). `save_fn(state, history)` is called every `cfg.save_every`
+    iterations and at the end with everything `resume_state` needs to continue exactly from there.
     """
     if token_cache is None:
         token_cache = (out.parent if out is not None else Path(tempfile.gettempdir())) / "token-cache"
@@ -579,35 +655,60 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
     engine = Engine(models.policy, models.tokenizer)
     kl_ctl = (rl_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else rl_math.FixedKLController(cfg.kl_coef))
-    policy_params = [p for p in models.policy.parameters() if p.requires_grad]
-    value_params = [p for p in models.value.parameters() if p.requires_grad]
+    policy_params, value_params = _named(models.policy), _named(models.value)
     steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
     train_cfg = TrainConfig(steps=cfg.iterations * steps_per_iteration, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                             min_lr_ratio=1.0, weight_decay=0.0, grad_clip=cfg.grad_clip)
-    optimizer = make_optimizer([{"params": policy_params, "lr": cfg.lr},
-                                {"params": value_params, "lr": cfg.value_lr}], train_cfg, device)
-    scheduler = Schedule(optimizer, train_cfg)
+    optimizer = make_optimizer([{"params": list(policy_params.values()), "lr": cfg.lr},
+                                {"params": list(value_params.values()), "lr": cfg.value_lr}], train_cfg, device)
     score_moments = rl_math.RunningMoments()
-    ptx_batches = ptx_stream(cfg, models.tokenizer, token_cache) if cfg.ptx_coef > 0 else None
     monitor = HealthMonitor(cfg.kl_target)
-    metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
+    metrics_path = out / "metrics.jsonl" if out is not None else None
     history: list[dict[str, Any]] = []
     queue: list[int] = []
+    done, seconds = 0, 0.0
+    if resume_state is not None:
+        with torch.no_grad():
+            for params, saved in ((policy_params, resume_state["policy"]), (value_params, resume_state["value"])):
+                for name, p in params.items():
+                    p.copy_(saved[name])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        kl_ctl.value = resume_state["kl_coef"]
+        score_moments.load_state_dict(resume_state["score_moments"])
+        monitor.history = resume_state["health"]
+        queue = list(resume_state["prompt_queue"])
+        _set_rng_state(resume_state["rng"], generator, prompt_rng)
+        done, seconds = resume_state["iteration"], resume_state["seconds"]
+        if metrics_path is not None:
+            history = _trim_metrics(metrics_path, resume_state["metrics_lines"])
+    scheduler = Schedule(optimizer, train_cfg, resume_state["schedule_steps"] if resume_state else 0)
+    ptx_batches = (ptx_stream(cfg, models.tokenizer, token_cache, start=done * steps_per_iteration)
+                   if cfg.ptx_coef > 0 else None)
 
     def record(row: dict[str, Any]) -> None:
         history.append(row)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+        if metrics_path is not None:  # opened per line: a save swaps the directory it lives in
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def maybe_evaluate(done: int) -> None:
-        if eval_set is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
-            record({"iteration": done, **evaluate(models, engine, *eval_set, cfg, device, autocast, labeler)})
+    def maybe_evaluate(n: int) -> None:
+        if eval_set is not None and cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.iterations):
+            record({"iteration": n, **evaluate(models, engine, *eval_set, cfg, device, autocast, labeler)})
 
-    bar = PPOProgress(cfg.iterations, 0, cfg.progress, desc="ppo")
+    def state(n: int) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "stage": "ppo", "iteration": n, "seconds": seconds,
+                "metrics_lines": len(history),
+                "policy": {k: p.detach().to("cpu", copy=True) for k, p in policy_params.items()},
+                "value": {k: p.detach().to("cpu", copy=True) for k, p in value_params.items()},
+                "optimizer": optimizer.state_dict(), "schedule_steps": scheduler.step_count,
+                "kl_coef": kl_ctl.value, "score_moments": score_moments.state_dict(), "health": monitor.history,
+                "prompt_queue": list(queue), "rng": _rng_state(generator, prompt_rng)}
+
+    bar = PPOProgress(cfg.iterations, done, cfg.progress)
     try:
-        for iteration in range(cfg.iterations):
-            maybe_evaluate(iteration)
+        if done == 0:
+            maybe_evaluate(0)
+        for iteration in range(done, cfg.iterations):
             t0 = time.perf_counter()
             while len(queue) < cfg.rollout_batch:  # epochs over the prompt set, reshuffled each time
                 order = list(range(len(prompts)))
@@ -634,6 +735,7 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
             row = iteration_row(exp, kl_coef, update_stats)
             kl_ctl.update(row["kl"], len(batch_prompts))
             t_end = time.perf_counter()
+            seconds += t_end - t0
             row = {"iteration": iteration + 1, **row, "lr": scheduler.get_last_lr()[0], "seconds": t_end - t0,
                    "rollout_seconds": t_rollout - t0, "score_seconds": t_score - t_rollout,
                    "update_seconds": t_end - t_score}
@@ -646,26 +748,59 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
                     f"[{iteration + 1}] best   (rm {exp.raw_scores[best].item():+.2f}): {texts[best][:200]!r}")
                 row["sample"] = texts[0][:500]
             record(row)
-            bar.show(row)
-        maybe_evaluate(cfg.iterations)
+            bar.show_row(row)
+            maybe_evaluate(iteration + 1)
+            if save_fn is not None and ((iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations):
+                save_fn(state(iteration + 1), history)
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
     return history
 
 
+def policy_meta(cfg: PPOConfig, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """meta.json of the output: kind "policy" (an adapter acting as one, with LoRA), with the last numbers."""
+    iterations = [row for row in history if "reward" in row]
+    last = iterations[-1]
+    summary = {k: last[k] for k in ("reward", "rm_score", "kl", "kl_coef", "entropy", "answer_len")}
+    evaluations = [row for row in history if "eval_kl" in row]
+    if evaluations:
+        summary.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_")})
+    return {"kind": "policy", "stage": "ppo", "parent": str(resolve(cfg.policy)),
+            "parent_hash": weights_hash(resolve(cfg.policy)), "config": asdict(cfg),
+            "metrics": {**summary, "iterations": last["iteration"], "of": cfg.iterations, "seconds": round(seconds, 1)}}
+
+
+def save_policy(out: Path, models: PPOModels, cfg: PPOConfig, state: dict[str, Any],
+                history: list[dict[str, Any]]) -> Path:
+    """The output checkpoint with the resume state in state/: the policy, or with LoRA its adapter alone
+    (kind "adapter" acting as "policy", on the SFT checkpoint as its base) unless `lora_merge`."""
+    meta = policy_meta(cfg, history, state["seconds"])
+    if cfg.lora and not cfg.lora_merge:
+        from chatforge.model.adapters import save_adapter_checkpoint
+        return save_adapter_checkpoint(out, models.policy, models.tokenizer, resolve(cfg.policy),
+                                       {**meta, "acts_as": "policy"}, state=state, metrics_from=out / "metrics.jsonl")
+    policy = models.policy
+    if cfg.lora:
+        from chatforge.model.adapters import merge_lora
+        policy = merge_lora(copy.deepcopy(policy))  # the live policy keeps its adapters for the next iterations
+    return save_model_checkpoint(out, policy, models.tokenizer, meta, state=state, metrics_from=out / "metrics.jsonl")
+
+
 def run_ppo(cfg: PPOConfig) -> Path:
-    """`chatforge ppo`: load and check everything, train, and write the policy checkpoint (kind "policy")."""
+    """`chatforge ppo`: load and check everything, train, and write the policy checkpoint (kind "policy"), saved
+    every `save_every` iterations so that `resume` continues a stopped run exactly."""
     cfg.validate()
     checked = check_inputs(cfg)
-    if is_complete(cfg.out):
-        raise ChatforgeError(f"{cfg.out} already holds a checkpoint: choose another output directory")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     with RunLock(out):
+        resume_state = _prepare_out(out, cfg)
+        if resume_state is not None and resume_state["iteration"] >= cfg.iterations:
+            print(f"ppo: {out} already ran {resume_state['iteration']} of {cfg.iterations} iterations; nothing to do")
+            return out
+        torch.manual_seed(cfg.seed)  # LoRA's initial A matrices
         models = load_models(cfg, device)
         prompts, eval_set = checked.prompts, checked.eval_set
         labeler = None
@@ -673,37 +808,49 @@ def run_ppo(cfg: PPOConfig) -> Path:
             from chatforge.data.world.labeler import GoldLabeler
             labeler = GoldLabeler()
         trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
+        start = f", resuming at iteration {resume_state['iteration']}" if resume_state else ""
         print(f"ppo: policy {cfg.policy} ({models.policy.num_params() / 1e6:.1f}M params, {trainable / 1e6:.2f}M "
               f"trained{', LoRA' if cfg.lora else ''}), reward model {cfg.reward_model}, value from {cfg.value_init}, "
               f"{len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} answers "
               f"<= {cfg.max_new_tokens} tokens, {cfg.ppo_epochs} epochs of minibatch {cfg.minibatch}"
-              f"{f', ptx_coef {cfg.ptx_coef}' if cfg.ptx_coef else ''}")
-        out.mkdir(parents=True, exist_ok=True)  # metrics.jsonl grows here; the checkpoint is swapped in at the end
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        start = time.time()
-        history = train_ppo(models, prompts, cfg, out, eval_set, labeler)
-        policy = models.policy
-        if cfg.lora:
-            from chatforge.model.adapters import merge_lora
-            policy = merge_lora(policy)
-        iterations = [row for row in history if "reward" in row]
-        last = iterations[-1]
-        summary = {k: last[k] for k in ("reward", "rm_score", "kl", "kl_coef", "entropy", "answer_len")}
-        evaluations = [row for row in history if "eval_kl" in row]
-        if evaluations:
-            summary.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_")})
-        meta = {"kind": "policy", "stage": "ppo", "parent": str(resolve(cfg.policy)),
-                "parent_hash": weights_hash(resolve(cfg.policy)), "config": asdict(cfg),
-                "metrics": {**summary, "iterations": len(iterations), "seconds": round(time.time() - start, 1)}}
-        path = save_model_checkpoint(out, policy, models.tokenizer, meta, metrics_from=out / "metrics.jsonl")
-    print(f"ppo: wrote {path} (rm score {last['rm_score']:+.3f}, KL {last['kl']:.2f} nats, "
-          f"β {last['kl_coef']:.3f}); metrics in {path / 'metrics.jsonl'}")
-    return path
+              f"{f', ptx_coef {cfg.ptx_coef}' if cfg.ptx_coef else ''}{start}")
+        fingerprint = json.loads(json.dumps(resume_fingerprint_of(cfg), default=str))
+
+        def save(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
+            save_policy(out, models, cfg, {**state, "fingerprint": fingerprint}, history)
+
+        history = train_ppo(models, prompts, cfg, out, eval_set, labeler, resume_state=resume_state, save_fn=save)
+    last = [row for row in history if "reward" in row][-1]
+    kind = "adapter alone, " if cfg.lora and not cfg.lora_merge else ""
+    print(f"ppo: wrote {out} ({kind}rm score {last['rm_score']:+.3f}, KL {last['kl']:.2f} nats, "
+          f"β {last['kl_coef']:.3f}); metrics in {out / 'metrics.jsonl'}")
+    return out
+
+
+def _prepare_out(out: Path, cfg: PPOConfig) -> dict[str, Any] | None:
+    """The resume state to continue from, if any; clears what a stopped run left behind."""
+    resolve(out)
+    for staging in out.parent.glob(f"{out.name}.tmp-*"):
+        shutil.rmtree(staging, ignore_errors=True)  # a save that was killed half-way
+    if is_complete(out):
+        if not cfg.resume:
+            raise ChatforgeError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                                 f"or choose another output directory")
+        return read_resume_state(out, resume_fingerprint_of(cfg))
+    leftovers = [p.name for p in out.iterdir() if p.name != "metrics.jsonl"] if out.is_dir() else []
+    if leftovers:
+        raise ChatforgeError(f"{out}: not a complete checkpoint directory (holds {', '.join(leftovers[:3])}"
+                             f"{'...' if len(leftovers) > 3 else ''}); choose an empty output directory")
+    out.mkdir(parents=True, exist_ok=True)  # metrics.jsonl grows here; checkpoints are swapped in
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # from a run stopped before its first save
+    return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", help="RLHF step 3: PPO against a reward model with a KL penalty (and PPO-ptx)")
-    add_config_args(p, PPOConfig)
+    add_config_args(p, PPOConfig, skip=("resume",))
+    p.add_argument("--resume", dest="cfg_resume", action="store_const", const=True, default=None,
+                   help="continue the run in --out exactly from its last saved iteration")
     p.set_defaults(func=_cli)
 
 

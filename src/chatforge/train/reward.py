@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from chatforge import ChatforgeError
 from chatforge.checkpoint import atomic_write_text, file_hash, load_model, resolve, save_model_checkpoint
@@ -36,6 +35,7 @@ from chatforge.model.adapters import PROJECTIONS, LoRAConfig, attach_lora
 from chatforge.model.heads import ScalarModel
 from chatforge.tokenizer import Message, Tokenizer
 from chatforge.train.loop import TrainConfig, resume_fingerprint, train
+from chatforge.train.progress import Progress
 
 
 def encode_answer(tokenizer: Tokenizer, messages: list[Message], answer: str, max_len: int) -> list[int]:
@@ -201,10 +201,15 @@ def sample_answers(engine: Any, prompts: list[list[int]], wanted: list[int], cfg
     from chatforge.infer.engine import SamplingParams
     answers: list[list[str]] = [[] for _ in prompts]
     seen: list[set[str]] = [set() for _ in prompts]
-    duplicates = 0
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=sum(wanted), desc="collect", unit="answer", disable=not tty)
-    last_line = time.monotonic()
+    duplicates = sampled = 0
+    bar = Progress(len(prompts), 0, True, desc="reward collect", unit="prompt")
+    started = time.monotonic()
+
+    def show(final: bool = False) -> None:
+        complete = sum(len(a) == w for a, w in zip(answers, wanted))
+        rate = sampled / max(time.monotonic() - started, 1e-9)
+        bar.show(complete, f"{sum(map(len, answers))}/{sum(wanted)} answers, {rate:.1f} answers/s", final)
+
     for round_ in range(1 + cfg.resample_rounds):
         todo = [i for i in range(len(prompts)) if len(answers[i]) < wanted[i]]
         for start in range(0, len(todo), cfg.batch_size):
@@ -214,6 +219,7 @@ def sample_answers(engine: Any, prompts: list[list[int]], wanted: list[int], cfg
                                     top_p=cfg.top_p, stop_ids=list(engine.tokenizer.stop_ids),
                                     seed=cfg.seed * 1_000_003 + round_ * 10_007 + start)
             generations = engine.generate([prompts[i] for i in chunk], params, num_samples=n)
+            sampled += len(generations)
             for row, i in enumerate(chunk):
                 for g in generations[row * n:(row + 1) * n]:
                     if len(answers[i]) == wanted[i]:
@@ -224,10 +230,9 @@ def sample_answers(engine: Any, prompts: list[list[int]], wanted: list[int], cfg
                         continue
                     seen[i].add(_dedup_key(text))
                     answers[i].append(text)
-                    bar.update(1)
-            if not tty and time.monotonic() - last_line > 60:  # logs get one line a minute, not a bar
-                last_line = time.monotonic()
-                print(f"reward collect: {sum(map(len, answers))}/{sum(wanted)} answers", file=sys.stderr, flush=True)
+            show()
+    if any(len(a) < w for a, w in zip(answers, wanted)):
+        show(final=True)  # some prompts stayed short of K: the log still says where collecting ended
     bar.close()
     return answers, duplicates
 
