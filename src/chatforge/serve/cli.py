@@ -30,7 +30,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-messages", type=int, default=256)
     p.add_argument("--max-n", type=int, default=8)
     p.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile the decode step before serving (about 2x faster decoding at batch 1, a one-time "
+                        "wait at start); auto: on unless CHATFORGE_COMPILE=0. Never mid-request either way")
     p.set_defaults(func=_serve)
+
+
+def warm_up(engine) -> float:
+    """Compile the decode step for one row and for several (its two graphs) before the first request, so no
+    client waits for the compiler; returns the seconds it took."""
+    import time
+
+    from chatforge.infer.engine import SamplingParams
+    start = time.perf_counter()
+    prompt = engine.tokenizer.prompt([{"role": "user", "content": "Hello"}])
+    for rows in (1, 2):
+        engine.generate([prompt] * rows, SamplingParams(max_new_tokens=2, temperature=0.0))
+    seconds = time.perf_counter() - start
+    print(f"chatforge serve: decode step compiled in {seconds:.0f}s")
+    return seconds
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -52,6 +70,10 @@ def _serve(args: argparse.Namespace) -> None:
         from chatforge.safety import Moderator
         moderator = Moderator.load(args.moderation)
     engine = Engine.load(args.ckpt, device=args.device)
+    compile_now = args.compile == "on" or (args.compile == "auto" and os.environ.get("CHATFORGE_COMPILE") != "0")
+    engine.compile = compile_now
+    if compile_now:
+        warm_up(engine)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     settings = ServeSettings(model_name=name, api_keys=keys, max_prompt_tokens=args.max_prompt_tokens,
                              max_output_tokens=args.max_output_tokens, max_body_bytes=args.max_body_bytes,
