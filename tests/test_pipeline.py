@@ -132,3 +132,17 @@ def test_report_renders_in_chromium(e2e, browser):
     plots = dict(widths)
     assert plots.get("plot-pretrain") and plots.get("plot-ppo"), widths
     assert len(browser.find_elements("css selector", "table")) >= 3
+
+
+def test_a_changed_setting_reruns_the_stage_afresh_and_keeps_the_old_output(e2e, capsys):
+    config, run, _ = e2e
+    changed = config.with_name("run_changed.toml")
+    changed.write_text(config.read_text().replace("kl_coef = 0.02", "kl_coef = 0.03"))
+    old_weights = (run.dir / "ppo" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    state = run_pipeline(load_run(str(changed)), until="ppo")
+    out = capsys.readouterr().out
+    assert "== ppo " in out and "kept as ppo.previous" in out
+    assert state["stages"]["ppo"]["fingerprint"] == state["started"]["ppo"]
+    assert (run.dir / "ppo.previous" / "model.safetensors").read_bytes() == old_weights
+    assert load_model(run.dir / "ppo")[2]["config"]["kl_coef"] == 0.03

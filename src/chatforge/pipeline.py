@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,6 +265,17 @@ def fingerprint(run: Run, stage: str, done: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _set_aside(out: Path) -> None:
+    """Keep a stage's earlier output as <stage>.previous (replacing an older one), so the stage starts fresh
+    instead of resuming a checkpoint made from other inputs, and nothing is deleted that was not already kept."""
+    if out.is_dir() and any(out.iterdir()):
+        previous = out.with_name(out.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        out.rename(previous)
+        print(f"{out}: made from other settings or inputs; kept as {previous.name}, starting afresh")
+
+
 def _read_state(run: Run) -> dict[str, Any]:
     path = run.dir / "pipeline.json"
     return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
@@ -308,6 +320,11 @@ def run_pipeline(run: Run, start: str | None = None, until: str | None = None) -
                 raise ChatforgeError(f"stage {stage} needs {', '.join(missing)}, which has not run: "
                                      f"start earlier (--from {missing[0]})")
             print(f"\n== {stage} " + "=" * (60 - len(stage)))
+            started = state.setdefault("started", {})
+            if started.get(stage) != fp:  # not the same stage interrupted: what is there came from other inputs
+                _set_aside(run.dir / stage)
+            started[stage] = fp
+            _write_state(run, state)
             t0 = time.time()
             summary = STAGE_FUNCTIONS[stage](run, run.sections.get(stage, {}))
             timings[stage] = time.time() - t0
