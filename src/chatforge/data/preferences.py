@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import ChatforgeError
-from chatforge.data.jsonl import iter_jsonl  # noqa: F401  (also imported from here by train/ppo.py, train/reward.py)
+from chatforge.data.jsonl import iter_jsonl
 from chatforge.tokenizer import Message, validate_messages
 
 

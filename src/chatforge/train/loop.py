@@ -270,11 +270,7 @@ class _Run:
         if state.get("version") != STATE_VERSION:
             raise ChatforgeError(f"{where}: resume state version {state.get('version')!r}, this chatforge "
                                  f"resumes version {STATE_VERSION}")
-        change = _first_change(state["fingerprint"], self.fingerprint)
-        if change:
-            key, old, new = change
-            raise ChatforgeError(f"cannot resume {self.out}: {key} changed ({_short(old)} -> {_short(new)}); "
-                                 f"restore it or start a new run in another directory")
+        refuse_changed_resume(self.out, state["fingerprint"], self.fingerprint)
 
     def _trim_metrics(self, step: int) -> None:
         """metrics.jsonl keeps exactly the steps the checkpoint has done (a killed run may have logged more)."""
@@ -507,6 +503,16 @@ class _weights_swapped:
             for n, p in self.params.items():
                 if n in self.saved:
                     p.copy_(self.saved[n])
+
+
+def refuse_changed_resume(out: str | Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise, naming the first setting or input that differs, when `now` is not the fingerprint the run at `out`
+    was saved with: resuming it would not continue the same run."""
+    change = _first_change(saved, now)
+    if change:
+        key, old, new = change
+        raise ChatforgeError(f"cannot resume {out}: {key} changed ({_short(old)} -> {_short(new)}); "
+                             f"restore it or start a new run in another directory")
 
 
 def _first_change(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:

@@ -50,7 +50,7 @@ from chatforge.model.heads import ScalarModel
 from chatforge.model.transformer import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import rl_math
-from chatforge.train.loop import TrainConfig, _first_change, _short, lr_factor, make_optimizer, resume_fingerprint
+from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer, refuse_changed_resume, resume_fingerprint
 from chatforge.train.progress import Progress
 from chatforge.train.rl_math import masked_mean
 
@@ -189,7 +189,8 @@ def read_prompts(path: str | Path, tokenizer: Tokenizer, context: int, max_new_t
     """Prompt ids and records of a JSONL prompt set. Long conversations lose their oldest turns, as in chat;
     a prompt whose last turn alone leaves no room for an answer is an error."""
     from chatforge.data.chat import fit_messages
-    from chatforge.data.preferences import iter_jsonl, parse_prompt
+    from chatforge.data.jsonl import iter_jsonl
+    from chatforge.data.preferences import parse_prompt
     ids, records = [], []
     for where, record in iter_jsonl(path):
         messages = parse_prompt(record, where)
@@ -614,11 +615,7 @@ def read_resume_state(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     if state.get("version") != STATE_VERSION or state.get("stage") != "ppo":
         raise ChatforgeError(f"{trainer_pt}: not a PPO resume state of version {STATE_VERSION} "
                              f"(stage {state.get('stage')!r}, version {state.get('version')!r})")
-    change = _first_change(state["fingerprint"], json.loads(json.dumps(fingerprint, default=str)))
-    if change:
-        key, old, new = change
-        raise ChatforgeError(f"cannot resume {out}: {key} changed ({_short(old)} -> {_short(new)}); "
-                             f"restore it or start a new run in another directory")
+    refuse_changed_resume(out, state["fingerprint"], json.loads(json.dumps(fingerprint, default=str)))
     return state
 
 

@@ -29,7 +29,8 @@ from chatforge import ChatforgeError
 from chatforge.checkpoint import atomic_write_text, file_hash, load_model, resolve, save_model_checkpoint
 from chatforge.config import add_config_args, config_from_args
 from chatforge.data.chat import fit_messages, read_conversations
-from chatforge.data.preferences import Comparison, iter_jsonl, parse_answer, parse_prompt, read_comparisons
+from chatforge.data.jsonl import iter_jsonl, write_jsonl
+from chatforge.data.preferences import Comparison, parse_answer, parse_prompt, read_comparisons
 from chatforge.eval.reward_eval import evaluate_reward_model, format_report, reference_pairs
 from chatforge.model.adapters import PROJECTIONS, LoRAConfig, attach_lora
 from chatforge.model.heads import ScalarModel
@@ -291,7 +292,7 @@ def collect(cfg: CollectConfig) -> Path:
         raise ChatforgeError(f"no prompt got two distinct answers{' ranked apart' if all_tied else ''}: "
                              "raise --temperature or --resample-rounds")
     out = Path(cfg.out)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    write_jsonl(out, lines)
     n_answers = sum(len(r.get("answers") or [a for t in r["responses"] for a in (t if isinstance(t, list) else [t])])
                     for r in lines)
     short = sum(1 for w, found in zip(wanted, answers) if 2 <= len(found) < w)
@@ -556,8 +557,7 @@ def score_file(cfg: ScoreConfig) -> Path:
     model, tokenizer, _ = load_model(cfg.reward_model, pick_device(cfg.device), expect_kind=("reward",))
     rewards = score_answers(model, tokenizer, [(m, a) for _, m, a in rows], cfg.batch_size)
     out = Path(cfg.output)
-    atomic_write_text(out, "".join(json.dumps({**record, "reward": round(r, 6)}, ensure_ascii=False) + "\n"
-                                   for (record, _, _), r in zip(rows, rewards)))
+    write_jsonl(out, ({**record, "reward": round(r, 6)} for (record, _, _), r in zip(rows, rewards)))
     print(f"reward score: {len(rows)} answers scored by {cfg.reward_model} (mean {sum(rewards) / len(rewards):+.3f}) "
           f"-> {out}", file=sys.stderr)
     return out
