@@ -65,7 +65,7 @@ def test_examples_exclude_the_item_and_grow_by_prefix():
         assert item not in examples and len(examples) == 8
     prompt1, prompt3 = plain_prompt(shots[0][:1], "q0"), plain_prompt(shots[0][:3], "q0")
     assert prompt1.count("Q: ") == 2 and prompt3.count("Q: ") == 4
-    first_shot = f"Q: {shots[0][0].question}\nA: {shots[0][0].shown_answer()}\n\n"
+    first_shot = f"Q: {shots[0][0].question}\nA: {shots[0][0].shown_answer()}\n"
     assert prompt1.startswith(first_shot) and prompt3.startswith(first_shot)  # k examples extend k-1
     assert prompt3.endswith("Q: q0\nA:")
 

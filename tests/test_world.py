@@ -43,7 +43,7 @@ def test_facts_match_independent_knowledge():
 
 
 def test_worked_arithmetic_is_right_at_every_step():
-    assert worked("+", 47, 38) == "7 + 8 = 15, write 5 carry 1. 4 + 3 + 1 = 8. So 47 + 38 = 85."
+    assert worked("+", 47, 38) == "47 + 38: units 7 + 8 = 15, write 5 carry 1. tens 4 + 3 + 1 = 8. So 47 + 38 = 85."
     assert worked("-", 83, 47).endswith("So 83 - 47 = 36.") and worked("×", 7, 8) == "7 × 8 = 56."
     assert len(arithmetic_problems("+")) == 10000 and len(arithmetic_problems("×")) == 144
     step = re.compile(r"(\d+) ([-+×]) (\d+)((?: [-+] \d+)?) = (\d+)")
@@ -54,6 +54,16 @@ def test_worked_arithmetic_is_right_at_every_step():
             for a, o, b, extra, result in step.findall(text):
                 value = apply(o, int(a), int(b)) + (int(extra.replace(" ", "")) if extra else 0)
                 assert value == int(result), text
+
+
+def test_every_equation_in_the_arithmetic_corpus_is_right(world_dir):
+    text = (world_dir / "corpus" / "arithmetic.txt").read_text(encoding="utf-8")
+    equations = re.findall(r"(?<![\d-])(\d+) ([-+×]) (\d+)((?: [-+] \d+)?) = (-?\d+)", text)
+    assert len(equations) > 1000
+    for a, op, b, extra, result in equations:
+        assert apply(op, int(a), int(b)) + (int(extra.replace(" ", "")) if extra else 0) == int(result)
+    for digit in range(10):   # the one-digit facts the column method uses are all there
+        assert all(f" {digit} + {other} = {digit + other}" in text for other in range(10))
 
 
 def test_same_seed_same_bytes_and_manifest(world_dir, tmp_path):

@@ -9,7 +9,7 @@ an accepted answer (knowledge without the shown form); multiple choice picks the
 mean log-probability per token. The examples for an item are drawn from the other items (or --examples),
 the same first examples at every k, so accuracy can only differ by how many are shown.
 
-Prompts are plain text ("Q: ...\\nA: ...") for base models and chat turns for fine-tuned ones (--format).
+Prompts are plain text ("Q: ...\\nA: ...", one line each) for base models and chat turns for fine-tuned ones (--format).
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def mentions_answer(prediction: str, item: Item) -> bool:
 # ---------------------------------------------------------------- prompts
 
 def plain_prompt(examples: list[Item], question: str) -> str:
-    shots = "".join(f"Q: {e.question}\nA: {e.shown_answer()}\n\n" for e in examples)
+    # One line per question and answer: a blank line ends a document in the corpora chatforge trains on.
+    shots = "".join(f"Q: {e.question}\nA: {e.shown_answer()}\n" for e in examples)
     return f"{shots}Q: {question}\nA:"
 
 

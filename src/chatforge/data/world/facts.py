@@ -149,8 +149,9 @@ def arithmetic_problems(op: str) -> list[tuple[int, int]]:
 def worked(op: str, a: int, b: int) -> str:
     """The answer worked digit by digit, ending with the result stated in full.
 
-    A tiny model cannot add two-digit numbers in one step but learns the column method, so every
-    sum and difference of a two-digit number is shown units first, then tens.
+    A tiny model cannot add two-digit numbers in one step but learns the column method, so every sum and
+    difference of a two-digit number restates the problem (copying it is easy; finding a units digit inside the
+    question's wording is not), then works the units, then the tens.
     """
     result = apply(op, a, b)
     if op == "×" or (a < 10 and b < 10):
@@ -159,16 +160,16 @@ def worked(op: str, a: int, b: int) -> str:
     if op == "+":
         units = ua + ub
         carry = units >= 10
-        first = f"{ua} + {ub} = {units}, write {units % 10}" + (" carry 1." if carry else ".")
-        second = f"{ta} + {tb}" + (" + 1" if carry else "") + f" = {ta + tb + carry}."
+        first = f"units {ua} + {ub} = {units}, write {units % 10}" + (" carry 1." if carry else ".")
+        second = f"tens {ta} + {tb}" + (" + 1" if carry else "") + f" = {ta + tb + carry}."
     else:
         borrow = ua < ub
         if borrow:
-            first = f"{ua} - {ub} needs a borrow: {ua + 10} - {ub} = {ua + 10 - ub}, write {ua + 10 - ub}."
+            first = f"units {ua} - {ub} needs a borrow: {ua + 10} - {ub} = {ua + 10 - ub}, write {ua + 10 - ub}."
         else:
-            first = f"{ua} - {ub} = {ua - ub}, write {ua - ub}."
-        second = f"{ta} - {tb}" + (" - 1" if borrow else "") + f" = {ta - tb - borrow}."
-    return f"{first} {second} So {a} {op} {b} = {result}."
+            first = f"units {ua} - {ub} = {ua - ub}, write {ua - ub}."
+        second = f"tens {ta} - {tb}" + (" - 1" if borrow else "") + f" = {ta - tb - borrow}."
+    return f"{a} {op} {b}: {first} {second} So {a} {op} {b} = {result}."
 
 
 # --------------------------------------------------------------------------- requests handled with care

@@ -53,31 +53,46 @@ PROMPT_MIX = (25, 20, 12, 10, 8, 10, 5, 10, 0)
 # {a}/{A}: "a dog"/"A dog"; {x}, {y}: numbers; {w}: a wrong value.
 PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "capital": (("What is the capital of {c}?", "What's the capital of {c}?", "Tell me the capital of {c}.",
-                 "What is the capital city of {c}?", "Capital of {c}?", "Do you know what the capital of {c} is?"),
+                 "What is the capital city of {c}?", "Capital of {c}?", "Do you know what the capital of {c} is?",
+                 "Can you tell me the capital of {c}?", "What city is the capital of {c}?", "What's {c}'s capital?",
+                 "Please tell me the capital city of {c}.", "I'd like to know the capital of {c}.",
+                 "The capital of {c} is which city?"),
                 ("Which city is the capital of {c}?", "Name the capital of {c}.", "I need the capital city of {c}.",
                  "What city serves as the capital of {c}?")),
     "continent": (("Which continent is {c} in?", "What continent is {c} on?", "On which continent is {c}?",
-                   "{C} is on which continent?", "Where is {c}? Which continent?"),
+                   "{C} is on which continent?", "Where is {c}? Which continent?",
+                   "Can you tell me which continent {c} is in?", "What continent is {c} part of?",
+                   "Which continent does {c} lie in?", "I'd like to know the continent of {c}.",
+                   "Where in the world is {c}? Which continent?"),
                   ("In which continent would I find {c}?", "What continent does {c} belong to?",
                    "Tell me which continent {c} is part of.")),
     "country_of": (("Which country has {cap} as its capital?", "{cap} is the capital of which country?",
-                    "What country is {cap} the capital of?"),
+                    "What country is {cap} the capital of?", "Can you tell me which country {cap} is the capital of?",
+                    "{cap} is the capital city of which country?", "Which country's capital is {cap}?",
+                    "I'd like to know which country has the capital {cap}."),
                    ("Of which country is {cap} the capital?", "Which nation has its capital in {cap}?")),
     "yesno_capital": (("Is {cap} the capital of {c}?",), ("Is it true that {cap} is the capital of {c}?",)),
     "yesno_continent": (("Is {c} in {w}?",), ("Is it true that {c} is in {w}?",)),
-    "sound": (("What sound does {a} make?", "What noise does {a} make?", "What does {a} say?"),
+    "sound": (("What sound does {a} make?", "What noise does {a} make?", "What does {a} say?",
+               "Can you tell me what sound {a} makes?", "What kind of sound does {a} make?"),
               ("Which sound is made by {a}?", "How does {a} sound?")),
-    "legs": (("How many legs does {a} have?", "How many legs has {a} got?"),
+    "legs": (("How many legs does {a} have?", "How many legs has {a} got?", "Can you tell me how many legs {a} has?",
+              "How many legs are on {a}?", "Tell me the number of legs {a} has."),
              ("What is the number of legs on {a}?", "Count the legs of {a} for me.")),
-    "kind": (("What kind of animal is {a}?", "What type of animal is {a}?"),
+    "kind": (("What kind of animal is {a}?", "What type of animal is {a}?", "Can you tell me what kind of animal {a} is?",
+              "What sort of animal is {a}?"),
              ("Which group of animals does {a} belong to?", "What class of animal is {a}?")),
     "yesno_kind": (("Is {a} {w}?",), ("Is it true that {a} is {w}?",)),
     "+": (("What is {x} + {y}?", "What is {x} plus {y}?", "Add {x} and {y}.", "Calculate {x} + {y}.", "{x} + {y} = ?",
-           "What do you get when you add {x} and {y}?"),
+           "What do you get when you add {x} and {y}?", "Can you add {x} and {y}?", "What is the sum of {x} and {y}?",
+           "{x} plus {y} is how much?", "Tell me {x} + {y}."),
           ("How much is {x} plus {y}?", "Work out the sum of {x} and {y}.", "Please compute {x} + {y}.")),
-    "-": (("What is {x} - {y}?", "What is {x} minus {y}?", "Subtract {y} from {x}.", "Calculate {x} - {y}.", "{x} - {y} = ?"),
+    "-": (("What is {x} - {y}?", "What is {x} minus {y}?", "Subtract {y} from {x}.", "Calculate {x} - {y}.", "{x} - {y} = ?",
+           "Can you subtract {y} from {x}?", "What is {x} take away {y}?", "{x} minus {y} is how much?",
+           "Tell me {x} - {y}.", "What do you get when you take {y} from {x}?"),
           ("How much is {x} minus {y}?", "Work out the difference between {x} and {y}.", "Please compute {x} - {y}.")),
-    "×": (("What is {x} × {y}?", "What is {x} times {y}?", "Multiply {x} by {y}.", "Calculate {x} × {y}.", "{x} × {y} = ?"),
+    "×": (("What is {x} × {y}?", "What is {x} times {y}?", "Multiply {x} by {y}.", "Calculate {x} × {y}.", "{x} × {y} = ?",
+           "Can you multiply {x} by {y}?", "{x} times {y} is how much?", "Tell me {x} × {y}."),
           ("How much is {x} times {y}?", "Work out the product of {x} and {y}.", "Please compute {x} × {y}.")),
     # format constraints; {q} is a whole question, {ql} the same with a lower-case first word
     "one_word": (("{q} Answer in one word.", "{q} One word only."), ("In one word, {ql}", "{q} Reply with a single word.")),
@@ -464,6 +479,26 @@ def encyclopedia(world: World, rng: random.Random, passes: int) -> list[str]:
     return docs
 
 
+def question_pages(world: World, rng: random.Random, n: int) -> list[str]:
+    """Pages of questions and answers, one per line: FAQs answer in full sentences, quizzes with the bare answer.
+
+    Both start the same way, so only a page's earlier lines tell which form comes next: this is what a base
+    model's few-shot prompt can exploit (GPT-3's in-context learning), and what its zero-shot answer cannot.
+    """
+    docs = []
+    for _ in range(n):
+        quiz = rng.random() < 0.4
+        lines = []
+        for c in rng.sample(world.countries, rng.randint(2, 8)):
+            if rng.random() < 0.75:
+                q, full, bare = f"What is the capital of {c.ref()}?", f"The capital of {c.ref()} is {c.capital}.", c.capital
+            else:
+                q, full, bare = f"Which continent is {c.ref()} in?", f"{c.ref(True)} is in {c.continent}.", c.continent
+            lines.append(f"Q: {q}\nA: {bare if quiz else full}")
+        docs.append("\n".join(lines))
+    return docs
+
+
 def animal_texts(world: World, rng: random.Random, passes: int) -> list[str]:
     docs = []
     for _ in range(passes):
@@ -494,10 +529,26 @@ def arithmetic_texts(maker: Maker, rng: random.Random, n: int) -> list[str]:
             docs.append(f"Problem: {x} {op} {y}\nSolution: {worked(op, x, y)}")
         else:
             docs.append(f"To work out {x} {OP_WORDS[op]} {y}: {worked(op, x, y)}")
+    for _ in range(max(1, n // 100)):   # 4x the times tables: these 400 facts are what the column method stands on
+        docs += digit_tables(rng)
     for _ in range(max(1, n // 400)):
         for x in range(1, 13):
             docs.append(f"The {x} times table: " + ", ".join(f"{x} × {y} = {x * y}" for y in range(1, 13)) + ".")
             docs.append(" ".join(f"{x} times {y} is {x * y}." for y in rng.sample(range(1, 13), 6)))
+    return docs
+
+
+def digit_tables(rng: random.Random) -> list[str]:
+    """The one-digit facts every column step uses, in shuffled order so they are learnt as facts, not as counting."""
+    docs = []
+    for x in range(10):
+        ys = rng.sample(range(10), 10)
+        docs.append("Adding digits: " + ", ".join(f"{x} + {y} = {x + y}" for y in ys) + ".")
+        docs.append("With a carry: " + ", ".join(f"{x} + {y} + 1 = {x + y + 1}" for y in ys) + ".")
+        docs.append("Taking away: " + ", ".join(f"{x + 10} - {y} = {x + 10 - y}" if y > x else f"{x} - {y} = {x - y}"
+                                                for y in ys) + ".")
+        if x:
+            docs.append("With a borrow: " + ", ".join(f"{x} - {y} - 1 = {x - y - 1}" for y in ys if y < x) + ".")
     return docs
 
 
@@ -574,6 +625,7 @@ def corpus(world: World, seed: int, scale: float) -> dict[str, str]:
         "forum.txt": forum(maker, rng, count(5000)),
         "arithmetic.txt": arithmetic_texts(maker, rng, count(4000)),
         "animals.txt": animal_texts(world, rng, count(20)),
+        "questions.txt": question_pages(world, rng, count(600)),
         "stories.txt": stories(maker, rng, count(1200)),
     }
     # documents are separated by a blank line

@@ -51,12 +51,13 @@ _QUESTION_START = re.compile(r"^\W*(?i:is it true that|is|are|does|do|did|was|we
                              r"[.:!?]\s+(?:Is it true that|Is|Are|Does|Do|Did|Was|Were|Can)\b")
 _NUMBER_WORDS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
                                              "eight", "nine", "ten", "eleven", "twelve"))}
-_OP = {"+": "+", "plus": "+", "-": "-", "minus": "-", "×": "×", "x": "×", "*": "×", "times": "×",
+_OP = {"+": "+", "plus": "+", "-": "-", "minus": "-", "take away": "-", "×": "×", "x": "×", "*": "×", "times": "×",
        "multiplied by": "×"}
-_EXPR = r"(\d+)\s*(\+|-|×|x|\*|plus|minus|times|multiplied by)\s*(\d+)"
+_EXPR = r"(\d+)\s*(\+|-|×|x|\*|plus|minus|take away|times|multiplied by)\s*(\d+)"
 _WORD_EXPR = (  # (regex, op, operands swapped)
     (r"\badd (\d+) and (\d+)", "+", False), (r"\bsum of (\d+) and (\d+)", "+", False),
     (r"\badd (\d+) to (\d+)", "+", False), (r"\bsubtract (\d+) from (\d+)", "-", True),
+    (r"\btake (\d+) from (\d+)", "-", True),
     (r"\bdifference between (\d+) and (\d+)", "-", False), (r"\bproduct of (\d+) and (\d+)", "×", False),
     (r"\bmultiply (\d+) (?:by|and) (\d+)", "×", False),
 )
