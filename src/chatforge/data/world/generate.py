@@ -36,7 +36,7 @@ class Size:
 
 SIZES = {
     "small": Size(0.17, 300, 200, 200, 200, 150),
-    "default": Size(1.0, 3000, 4000, 4000, 3000, 600),
+    "default": Size(1.0, 3000, 4000, 4000, 3000, 500),
     "large": Size(6.0, 13000, 33000, 31000, 4000, 2000),   # InstructGPT's prompt counts; ~2k distinct harmful requests exist
 }
 
@@ -56,7 +56,8 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                  "What is the capital city of {c}?", "Capital of {c}?", "Do you know what the capital of {c} is?",
                  "Can you tell me the capital of {c}?", "What city is the capital of {c}?", "What's {c}'s capital?",
                  "Please tell me the capital city of {c}.", "I'd like to know the capital of {c}.",
-                 "The capital of {c} is which city?"),
+                 "The capital of {c} is which city?", "Give me the capital of {c}.", "Say the capital of {c}.",
+                 "State the capital of {c}."),
                 ("Which city is the capital of {c}?", "Name the capital of {c}.", "I need the capital city of {c}.",
                  "What city serves as the capital of {c}?")),
     "continent": (("Which continent is {c} in?", "What continent is {c} on?", "On which continent is {c}?",
@@ -71,28 +72,36 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                     "{cap} is the capital city of which country?", "Which country's capital is {cap}?",
                     "I'd like to know which country has the capital {cap}."),
                    ("Of which country is {cap} the capital?", "Which nation has its capital in {cap}?")),
-    "yesno_capital": (("Is {cap} the capital of {c}?",), ("Is it true that {cap} is the capital of {c}?",)),
-    "yesno_continent": (("Is {c} in {w}?",), ("Is it true that {c} is in {w}?",)),
+    "yesno_capital": (("Is {cap} the capital of {c}?", "Am I right that {cap} is the capital of {c}?", "Is {cap} the capital city of {c}?"),
+                      ("Is it true that {cap} is the capital of {c}?",)),
+    "yesno_continent": (("Is {c} in {w}?", "Am I right that {c} is in {w}?",
+                         "Is {c} a country in {w}?"), ("Is it true that {c} is in {w}?",)),
     "sound": (("What sound does {a} make?", "What noise does {a} make?", "What does {a} say?",
-               "Can you tell me what sound {a} makes?", "What kind of sound does {a} make?"),
+               "Can you tell me what sound {a} makes?", "What kind of sound does {a} make?",
+               "What sound is made by {a}?", "Which noise does {a} make?"),
               ("Which sound is made by {a}?", "How does {a} sound?")),
     "legs": (("How many legs does {a} have?", "How many legs has {a} got?", "Can you tell me how many legs {a} has?",
               "How many legs are on {a}?", "Tell me the number of legs {a} has."),
              ("What is the number of legs on {a}?", "Count the legs of {a} for me.")),
     "kind": (("What kind of animal is {a}?", "What type of animal is {a}?", "Can you tell me what kind of animal {a} is?",
-              "What sort of animal is {a}?"),
+              "What sort of animal is {a}?", "Which kind of animal is {a}?", "What group is {a} in?",
+              "Which animal group is {a} part of?"),
              ("Which group of animals does {a} belong to?", "What class of animal is {a}?")),
-    "yesno_kind": (("Is {a} {w}?",), ("Is it true that {a} is {w}?",)),
+    "yesno_kind": (("Is {a} {w}?", "Am I right that {a} is {w}?"),
+                   ("Is it true that {a} is {w}?",)),
     "+": (("What is {x} + {y}?", "What is {x} plus {y}?", "Add {x} and {y}.", "Calculate {x} + {y}.", "{x} + {y} = ?",
            "What do you get when you add {x} and {y}?", "Can you add {x} and {y}?", "What is the sum of {x} and {y}?",
-           "{x} plus {y} is how much?", "Tell me {x} + {y}."),
+           "{x} plus {y} is how much?", "Tell me {x} + {y}.", "What is the total of {x} and {y}?",
+           "Find the sum of {x} and {y}."),
           ("How much is {x} plus {y}?", "Work out the sum of {x} and {y}.", "Please compute {x} + {y}.")),
     "-": (("What is {x} - {y}?", "What is {x} minus {y}?", "Subtract {y} from {x}.", "Calculate {x} - {y}.", "{x} - {y} = ?",
            "Can you subtract {y} from {x}?", "What is {x} take away {y}?", "{x} minus {y} is how much?",
-           "Tell me {x} - {y}.", "What do you get when you take {y} from {x}?"),
+           "Tell me {x} - {y}.", "What do you get when you take {y} from {x}?",
+           "What is the difference of {x} and {y}?", "Find the difference of {x} and {y}."),
           ("How much is {x} minus {y}?", "Work out the difference between {x} and {y}.", "Please compute {x} - {y}.")),
     "×": (("What is {x} × {y}?", "What is {x} times {y}?", "Multiply {x} by {y}.", "Calculate {x} × {y}.", "{x} × {y} = ?",
-           "Can you multiply {x} by {y}?", "{x} times {y} is how much?", "Tell me {x} × {y}."),
+           "Can you multiply {x} by {y}?", "{x} times {y} is how much?", "Tell me {x} × {y}.",
+           "What is the product of {x} and {y}?", "Find the product of {x} and {y}."),
           ("How much is {x} times {y}?", "Work out the product of {x} and {y}.", "Please compute {x} × {y}.")),
     # format constraints; {q} is a whole question, {ql} the same with a lower-case first word
     "one_word": (("{q} Answer in one word.", "{q} One word only."), ("In one word, {ql}", "{q} Reply with a single word.")),
@@ -505,6 +514,7 @@ def animal_texts(world: World, rng: random.Random, passes: int) -> list[str]:
         for a in rng.sample(world.animals, len(world.animals)):
             A = article(a.name).capitalize()
             facts = [f"{A} is {article(a.kind)}.", f"{a.plural.capitalize()} are {KIND_PLURALS[a.kind]}.",
+                     f"{A} belongs to the group of {KIND_PLURALS[a.kind]}.",
                      f"{A} has {a.legs} legs." if a.legs else f"{A} has no legs."]
             if a.sound:
                 facts += [f"{A} {a.sounds}.", f"The {a.name} {a.sounds}."]
@@ -529,9 +539,8 @@ def arithmetic_texts(maker: Maker, rng: random.Random, n: int) -> list[str]:
             docs.append(f"Problem: {x} {op} {y}\nSolution: {worked(op, x, y)}")
         else:
             docs.append(f"To work out {x} {OP_WORDS[op]} {y}: {worked(op, x, y)}")
-    for _ in range(max(1, n // 100)):   # 4x the times tables: these 400 facts are what the column method stands on
+    for _ in range(max(1, n // 100)):   # the facts the column method stands on, and the times tables, drilled
         docs += digit_tables(rng)
-    for _ in range(max(1, n // 400)):
         for x in range(1, 13):
             docs.append(f"The {x} times table: " + ", ".join(f"{x} × {y} = {x * y}" for y in range(1, 13)) + ".")
             docs.append(" ".join(f"{x} times {y} is {x * y}." for y in rng.sample(range(1, 13), 6)))

@@ -47,8 +47,8 @@ _NEGATION = re.compile(r"\b(not|no|never|isn't|aren't|doesn't|don't|didn't|wasn'
                        r"false|mistaken|wrong)\b", re.I)
 _GENERIC_ALTERNATIVE = ("instead", "i can help", "happy to", "if you")
 # a yes/no question opens the text or a capitalised sentence ("D.C. is" does not start one)
-_QUESTION_START = re.compile(r"^\W*(?i:is it true that|is|are|does|do|did|was|were|can)\b|"
-                             r"[.:!?]\s+(?:Is it true that|Is|Are|Does|Do|Did|Was|Were|Can)\b")
+_QUESTION_START = re.compile(r"^\W*(?i:is it true that|am i right that|is|are|does|do|did|was|were|can)\b|"
+                             r"[.:!?]\s+(?:Is it true that|Am I right that|Is|Are|Does|Do|Did|Was|Were|Can)\b")
 _NUMBER_WORDS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
                                              "eight", "nine", "ten", "eleven", "twelve"))}
 _OP = {"+": "+", "plus": "+", "-": "-", "minus": "-", "take away": "-", "×": "×", "x": "×", "*": "×", "times": "×",
@@ -58,7 +58,7 @@ _WORD_EXPR = (  # (regex, op, operands swapped)
     (r"\badd (\d+) and (\d+)", "+", False), (r"\bsum of (\d+) and (\d+)", "+", False),
     (r"\badd (\d+) to (\d+)", "+", False), (r"\bsubtract (\d+) from (\d+)", "-", True),
     (r"\btake (\d+) from (\d+)", "-", True),
-    (r"\bdifference between (\d+) and (\d+)", "-", False), (r"\bproduct of (\d+) and (\d+)", "×", False),
+    (r"\btotal of (\d+) and (\d+)", "+", False), (r"\bdifference (?:between|of) (\d+) and (\d+)", "-", False), (r"\bproduct of (\d+) and (\d+)", "×", False),
     (r"\bmultiply (\d+) (?:by|and) (\d+)", "×", False),
 )
 
@@ -260,7 +260,7 @@ class GoldLabeler:
             attribute = "legs"
         elif re.search(r"\b(sound|noise|say|says)\b", low):
             attribute = "sound"
-        elif re.search(r"\b(kind|type|class|group) of animals?\b", low):
+        elif re.search(r"\b(kind|type|sort|class|group) of animals?\b|\b(animal )?group\b", low):
             attribute = "kind"
         if attribute is None and prev is not None and prev.attribute and prev.attribute != "arithmetic":
             attribute = prev.attribute   # "What about Uganda?", or the answer to our clarifying question
