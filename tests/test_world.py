@@ -66,6 +66,17 @@ def test_every_equation_in_the_arithmetic_corpus_is_right(world_dir):
         assert all(f" {digit} + {other} = {digit + other}" in text for other in range(10))
 
 
+def test_question_pages_answer_bare_or_in_sentences_one_form_per_page(world_dir):
+    pages = (world_dir / "corpus" / "questions.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    forms = set()
+    for page in pages:
+        answers = [line[3:] for line in page.splitlines() if line.startswith("A: ")]
+        sentence = [a.endswith(".") for a in answers]
+        assert len(set(sentence)) == 1, page   # a page never mixes the two forms: its first lines tell the form
+        forms.add(sentence[0])
+    assert forms == {True, False}
+
+
 def test_same_seed_same_bytes_and_manifest(world_dir, tmp_path):
     assert main(["world", "generate", "--out", str(tmp_path / "again"), "--size", "small", "--seed", "0"]) == 0
     files = sorted(p.relative_to(world_dir) for p in world_dir.rglob("*") if p.is_file())
