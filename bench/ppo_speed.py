@@ -1,16 +1,24 @@
 """One PPO iteration in chatforge against trl's PPOTrainer (trl 1.12.0, `trl.experimental.ppo`), same settings.
 
     python bench/ppo_speed.py [--preset babbage] [--batch 16] [--minibatch 8] [--prompt-len 32]
-                              [--answer-len 32] [--epochs 2] [--iterations 5] [--threads 2]
+                              [--answer-len 32] [--epochs 2] [--iterations 5] [--threads 2] [--dtype fp32|bf16]
 
 Both sides get the same four models (policy, reference, value, reward: one preset, the policy's weights
 copied into a transformers `LlamaForCausalLM`, the value and reward models into
 `LlamaForSequenceClassification`), the same prompts (random token ids, one length, so neither side pads
-them), fp32 on the CPU with the same number of threads, and the same PPO settings: a batch of --batch
+them), one dtype on the CPU with the same number of threads, and the same PPO settings: a batch of --batch
 answers of exactly --answer-len tokens sampled at temperature 1 (no stop token on either side, so the
 answer length cannot differ), --epochs PPO epochs over minibatches of --minibatch, AdamW, a separate value
-model, the KL penalty per token, GAE and whitened advantages. trl runs without gradient checkpointing or
-mixed precision (its defaults, which would slow it down or change the arithmetic).
+model, the KL penalty per token, GAE and whitened advantages. trl runs without gradient checkpointing (its
+default, which would slow it down).
+
+--dtype fp32 (the default) is fp32 throughout on both sides. --dtype bf16 is each side's bf16 mixed precision
+(fp32 weights and optimizer, bf16 matmuls under autocast): trl's `bf16=True`, chatforge's `dtype="bf16"`. Where
+each applies it is its own: trl autocasts the PPO update only (the model accelerate prepared; its generation,
+reference, value and reward passes stay fp32), chatforge its scoring and update passes (its rollouts stay fp32).
+
+chatforge's engine compiles its decode step (PPO's `compile="on"`, which a long run gets on its own from
+`compile="auto"`); the compiler's one-off cost falls in the warm-up iteration, which is not timed.
 
 An iteration is rollout + scoring + advantages + all PPO epochs. The two sides alternate, one iteration each
 (a trl callback runs chatforge's), so both are timed under the same load on a shared machine; each runs
@@ -81,7 +89,8 @@ def chatforge_iteration(policy, reward, tokenizer, args):
                        tokenizer=no_stop)
     cfg = PPOConfig(iterations=1, rollout_batch=args.batch, minibatch=args.minibatch, ppo_epochs=args.epochs,
                     max_new_tokens=args.answer_len, lr=args.lr, value_lr=args.lr, warmup_steps=0, kl_coef=0.05,
-                    vf_coef=0.1, missing_eos_penalty=0.0, sample_every=0, progress=False)
+                    vf_coef=0.1, missing_eos_penalty=0.0, sample_every=0, progress=False, dtype=args.dtype,
+                    compile="on")
     calls = 0
 
     def step(prompts: list[list[int]]) -> dict:
@@ -123,7 +132,7 @@ def run_interleaved(hf_policy, hf_reward, tokenizer, prompts, cf_step, args) -> 
                        response_length=args.answer_len, total_episodes=args.batch * (1 + args.iterations),
                        local_rollout_forward_batch_size=args.batch, learning_rate=args.lr, temperature=1.0,
                        kl_coef=0.05, vf_coef=0.1, missing_eos_penalty=None, stop_token=None,
-                       num_sample_generations=0, bf16=False, fp16=False, gradient_checkpointing=False,
+                       num_sample_generations=0, bf16=args.dtype == "bf16", fp16=False, gradient_checkpointing=False,
                        use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                        lr_scheduler_type="constant", seed=args.seed, dataloader_num_workers=0)
     alternate = Alternate()
@@ -147,6 +156,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5, help="timed iterations after one warm-up")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="both sides: fp32, or bf16 autocast (fp32 weights, bf16 matmuls)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.batch % args.minibatch:
@@ -165,7 +176,7 @@ def main() -> None:
                             generator=gen).tolist()
     print(f"PPO iteration: preset {args.preset} ({policy.config.num_params() / 1e6:.1f}M params x 4 models: policy, "
           f"reference, value, reward), vocab {tokenizer.vocab_size}, batch {args.batch}, prompt {args.prompt_len} "
-          f"+ answer {args.answer_len} tokens, {args.epochs} epochs x minibatch {args.minibatch}, fp32, "
+          f"+ answer {args.answer_len} tokens, {args.epochs} epochs x minibatch {args.minibatch}, {args.dtype}, "
           f"{args.threads} threads; median of {args.iterations} after 1 warm-up", flush=True)
 
     cf_step = chatforge_iteration(policy, reward, tokenizer, args)
@@ -183,7 +194,7 @@ def main() -> None:
                       "trl_times": [round(t, 4) for t in trl_times], "preset": args.preset,
                       "batch": args.batch, "minibatch": args.minibatch, "prompt_len": args.prompt_len,
                       "answer_len": args.answer_len, "epochs": args.epochs, "threads": args.threads,
-                      "dtype": "float32"}))
+                      "dtype": args.dtype}))
 
 
 if __name__ == "__main__":

@@ -145,8 +145,10 @@ def test_reward_model_reads_an_imported_template_at_the_end_token_as_ppo_does(im
     _, tokenizer, _ = load_model(imported["llama"])
     chat = [{"role": "user", "content": "What is 12 + 30?"}]
     rollout = tokenizer.prompt(chat) + tokenizer.encode("It is 42.") + tokenizer.stop_ids[:1]
-    assert encode_answer(tokenizer, chat, "It is 42.", 128) == rollout
-    assert encode_answer(tokenizer, chat, "It is 42.", 6) == rollout[-6:]  # the prompt's start goes first
+    prompt = len(tokenizer.prompt(chat))
+    assert encode_answer(tokenizer, chat, "It is 42.", 128) == (rollout, prompt)  # the answer starts where PPO's does
+    cut = len(rollout) - 6
+    assert encode_answer(tokenizer, chat, "It is 42.", 6) == (rollout[-6:], max(prompt - cut, 0))  # prompt's start goes
 
 
 def test_run_evaluates_an_imported_instruct_model_in_the_base_place_through_its_template(

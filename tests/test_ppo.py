@@ -63,6 +63,8 @@ def test_engine_logprobs_equal_full_forward(rl_toy):
         full = token_logprobs(answer_logits(models.policy, exp)[0], exp.answers)
     mask = exp.mask.bool()
     torch.testing.assert_close(exp.logprobs[mask], full[mask], atol=1e-4, rtol=0)
+    # the forward passes skip each answer's last token: its output predicts nothing
+    assert exp.sequences.shape[1] == int((exp.positions * exp.mask).max()) + 1
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -95,6 +97,52 @@ def test_ppo_learns_toy_reward_with_bounded_kl(rl_toy):
     for key in ("reward", "rm_score", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
                 "explained_var", "answer_len"):
         assert key in history[-1]
+
+
+def test_ppo_optimizer_moves_weights_as_plain_adamw(rl_toy):
+    """PPO's AdamW is fused on the CPU (one pass per tensor); the weights it reaches are the unfused ones'."""
+    from contextlib import nullcontext
+
+    from chatforge.train.loop import TrainConfig
+    states = []
+    for fused in (True, False):
+        models = toy_models(rl_toy)
+        prompts, exp = sample(models, 2, seed=5)
+        cfg = toy_cfg(rollout_batch=len(prompts), minibatch=len(prompts) // 2)
+        score(models, exp, prompts, cfg, RunningMoments(), nullcontext())
+        compute_advantages(exp, cfg.kl_coef, cfg)
+        train_cfg = TrainConfig(steps=8, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
+        optimizer = ppo.make_ppo_optimizer(ppo._named(models.policy), ppo._named(models.value), cfg, train_cfg,
+                                           torch.device("cpu"))
+        assert optimizer.defaults["fused"]
+        if not fused:
+            optimizer = torch.optim.AdamW([{k: g[k] for k in ("params", "lr", "base_lr")} for g in optimizer.param_groups],
+                                          betas=optimizer.defaults["betas"], weight_decay=0.0, foreach=False)
+        ppo.ppo_update(models, exp, optimizer, ppo.Schedule(optimizer, train_cfg), cfg, torch.Generator().manual_seed(0),
+                       None, nullcontext())
+        states.append({k: v.clone() for k, v in models.policy.state_dict().items()})
+    sft, _, _ = load_model(rl_toy.sft)
+    moved = max((states[0][k] - v).abs().max().item() for k, v in sft.state_dict().items())
+    assert moved > 1e-4
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(tensor, states[1][name], atol=moved * 1e-3, rtol=0)
+
+
+def test_rollouts_compile_when_the_run_decodes_enough_steps(monkeypatch):
+    from chatforge.infer.engine import COMPILE_AFTER_STEPS
+    from chatforge.train.ppo import compiles_rollouts
+    monkeypatch.delenv("CHATFORGE_COMPILE", raising=False)
+    cpu = torch.device("cpu")
+    cfg = PPOConfig(max_new_tokens=64)
+    enough = COMPILE_AFTER_STEPS // 64
+    assert compiles_rollouts(cfg, enough, cpu) and not compiles_rollouts(cfg, enough - 1, cpu)
+    assert not compiles_rollouts(cfg, enough, torch.device("meta"))
+    assert compiles_rollouts(PPOConfig(compile="on"), 1, cpu)
+    assert not compiles_rollouts(PPOConfig(compile="off"), 10 * enough, cpu)
+    monkeypatch.setenv("CHATFORGE_COMPILE", "0")
+    assert not compiles_rollouts(cfg, 10 * enough, cpu)
+    with pytest.raises(ChatforgeError, match="compile must be auto, on or off"):
+        PPOConfig(compile="yes").validate()
 
 
 def test_lora_ppo_keeps_base_weights_bit_identical(rl_toy):

@@ -37,21 +37,46 @@ def test_kway_loss_is_the_mean_of_pairwise_losses_one_by_one(toy_model):
 
     per_prompt = []
     for c in comparisons:
-        alone = [model.score_last(torch.tensor([s]), torch.tensor([len(s) - 1])).item()
-                 for s in encode_comparison(tok, c, 64).seqs]
+        alone = [model.score_last(torch.tensor([s]), torch.tensor([len(s) - 1]), torch.tensor([a])).item()
+                 for s, a in encode_comparison(tok, c, 64).seqs]
         losses = [-F.logsigmoid(torch.tensor(alone[i] - alone[j])).item() for i, j in c.pairs()]
         per_prompt.append(sum(losses) / len(losses))
     assert len(comparisons[0].pairs()) == 5  # C(4, 2) = 6 minus the tied pair
     assert loss.item() == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-5)
 
 
-def test_score_is_invariant_to_padding_and_batch_composition(toy_model):
-    model, tok = toy_model
+@pytest.fixture(scope="module")
+def toy_likelihood_model(reward_toy):
+    """An untrained ScalarModel that keeps the toy base's LM head and adds λ x the answer's log-likelihood."""
+    torch.manual_seed(1)
+    gpt, tokenizer, _ = load_model(reward_toy.base)
+    return ScalarModel.from_lm(gpt, likelihood=0.5).eval(), tokenizer, gpt.eval()
+
+
+def test_likelihood_score_adds_the_answers_log_likelihood_under_the_lm(toy_model, toy_likelihood_model):
+    plain, tok = toy_model
+    model, _, lm = toy_likelihood_model
+    user = [{"role": "user", "content": "Say something."}]
+    for answer in ("sun", "apple river stone"):
+        ids, start = encode_answer(tok, user, answer, 64)
+        assert tok.decode(ids[start:]).startswith(answer)  # the start is the answer's first token
+        with torch.no_grad():
+            logprobs = F.log_softmax(lm(torch.tensor([ids]))[0, :-1].float(), -1)
+            answer_logprob = sum(logprobs[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            head = plain.score_last(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()  # same seed, same head
+        assert answer_logprob < -1.0
+        assert score_sequences(model, [(ids, start)], tok.pad_id)[0] == pytest.approx(head + 0.5 * answer_logprob,
+                                                                                      abs=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_score_is_invariant_to_padding_and_batch_composition(toy_model, toy_likelihood_model, likelihood):
+    model, tok = toy_likelihood_model[:2] if likelihood else toy_model
     user = [{"role": "user", "content": "Say something."}]
     seqs = [encode_answer(tok, user, a, 64) for a in ("sun", "apple river stone cloud green quick table", "moon tree")]
     alone = [score_sequences(model, [s], tok.pad_id)[0] for s in seqs]
     together = score_sequences(model, seqs, tok.pad_id, batch_size=3)           # padded to the longest
-    mixed = score_sequences(model, [seqs[2], [5] * 60, seqs[0], seqs[1]], tok.pad_id, batch_size=2)
+    mixed = score_sequences(model, [seqs[2], ([5] * 60, 30), seqs[0], seqs[1]], tok.pad_id, batch_size=2)
     assert together == pytest.approx(alone, abs=1e-5)
     assert [mixed[2], mixed[3], mixed[0]] == pytest.approx(alone, abs=1e-5)
     assert len(set(round(a, 4) for a in alone)) == 3  # the answers really score differently

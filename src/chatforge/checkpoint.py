@@ -172,7 +172,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     tensors = load_file(str(path / "model.safetensors"))
     if meta["kind"] in ("reward", "value"):
         from chatforge.model.heads import ScalarModel
-        model: torch.nn.Module = ScalarModel(cfg)
+        model: torch.nn.Module = ScalarModel(cfg, likelihood=1.0 if "likelihood_weight" in tensors else 0.0)
     else:
         model = GPT(cfg)
     load_weights(model, tensors, path / "model.safetensors")

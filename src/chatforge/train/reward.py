@@ -39,12 +39,18 @@ from chatforge.train.loop import TrainConfig, resume_fingerprint, train
 from chatforge.train.progress import Progress
 
 
-def encode_answer(tokenizer: Tokenizer, messages: list[Message], answer: str, max_len: int) -> list[int]:
+Scored = tuple[list[int], int]  # prompt + answer ids, and the index of the answer's first token
+
+
+def encode_answer(tokenizer: Tokenizer, messages: list[Message], answer: str, max_len: int) -> Scored:
     """Prompt + answer as the chat template renders them, ending at the answer's end-of-turn token (where PPO's
-    rollouts end, and where the reward is read); a long prompt loses its start, never the answer's end."""
+    rollouts end, and where the reward is read), with the answer's start; a long prompt loses its start, never
+    the answer's end."""
     ids, mask = tokenizer.render(messages + [{"role": "assistant", "content": answer}])
     end = max(i for i, m in enumerate(mask) if m) + 1  # a template may add formatting after the turn
-    return ids[:end][-max_len:]
+    start = next(i for i in range(end - 1, -1, -1) if not mask[i]) + 1  # the last assistant turn's first token
+    cut = max(0, end - max_len)
+    return ids[cut:end], max(start - cut, 0)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,18 +63,24 @@ def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "
     return ids.to(device), last.to(device)
 
 
+def pad_scored(seqs: list[Scored], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Scored sequences as the reward model reads them: right-padded ids, last real index, answer start."""
+    ids, last = pad_right([s for s, _ in seqs], pad_id, device)
+    return {"input_ids": ids, "last": last, "starts": torch.tensor([a for _, a in seqs], device=ids.device)}
+
+
 @torch.no_grad()
-def score_sequences(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+def score_sequences(model: torch.nn.Module, seqs: list[Scored], pad_id: int, batch_size: int = 32) -> list[float]:
     """The reward of every sequence, in input order; batches group similar lengths to waste little on padding."""
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     rewards = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, last = pad_right([seqs[i] for i in chunk], pad_id, device)
-        for i, r in zip(chunk, model.score_last(ids, last).tolist()):
+        batch = pad_scored([seqs[i] for i in chunk], pad_id, device)
+        for i, r in zip(chunk, model.score_last(batch["input_ids"], batch["last"], batch["starts"]).tolist()):
             rewards[i] = r
     model.train(was_training)
     return rewards
@@ -84,7 +96,7 @@ def score_answers(model: torch.nn.Module, tokenizer: Tokenizer, items: list[tupl
 
 @dataclass
 class EncodedComparison:
-    seqs: list[list[int]]         # one per answer, in the comparison's answer order
+    seqs: list[Scored]            # one per answer, in the comparison's answer order
     pairs: list[tuple[int, int]]  # (better, worse) indices into seqs
 
 
@@ -108,8 +120,8 @@ def ranked_pairs(items: list[EncodedComparison]) -> dict[str, torch.Tensor]:
 
 def collate_rankings(items: list[EncodedComparison], pad_id: int) -> dict[str, torch.Tensor]:
     """Every answer of a few prompts in one padded tensor (each answer once), and the ranked pairs among them."""
-    ids, last = pad_right([s for item in items for s in item.seqs], pad_id)
-    return {"input_ids": ids, "last": last, **ranked_pairs(items), "prompts": torch.tensor(len(items))}
+    return {**pad_scored([s for item in items for s in item.seqs], pad_id), **ranked_pairs(items),
+            "prompts": torch.tensor(len(items))}
 
 
 def ranking_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +133,7 @@ def ranking_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple
 
 def reward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """The loop's loss_fn: one forward over all answers of the micro-batch, rewards read at their last token."""
-    values = model(batch["input_ids"])
+    values = model(batch["input_ids"], batch["starts"])  # called as the module, so DDP sees the forward
     rewards = values.gather(1, batch["last"].view(-1, 1)).squeeze(1)
     loss, accuracy = ranking_loss(rewards, batch)
     return loss, {"accuracy": accuracy, "tokens": batch["input_ids"].numel()}
@@ -319,6 +331,8 @@ class RewardConfig:
     reference_limit: int = 1000
     out: str = "runs/default/reward"
     method: str = "full"             # full | lora
+    likelihood: float = 0.0          # > 0: the score adds λ x the answer's log-likelihood under the model's own LM
+                                     # head (kept from init), λ learnt from this start; 0: InstructGPT's head alone
     context: int = 0                 # tokens per answer with its prompt; 0 = the model's context window
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -346,6 +360,7 @@ class RewardConfig:
             (self.method in ("full", "lora"), f"method: expected full or lora, got {self.method!r}"),
             (0 <= self.heldout_fraction < 1, f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}"),
             (0 < self.fraction <= 1, f"fraction: must be in (0, 1], got {self.fraction}"),
+            (self.likelihood >= 0, f"likelihood: must be >= 0, got {self.likelihood}"),
             (self.epochs > 0 or self.steps > 0, "set epochs or steps to a positive number"),
             (min(self.context, self.lr, self.eval_every, self.save_every, self.reference_limit) >= 0,
              "context, lr, eval_every, save_every and reference_limit must not be negative"),
@@ -372,17 +387,21 @@ def reward_model_from(init: str | Path, cfg: RewardConfig) -> tuple[ScalarModel,
     if isinstance(model, PromptTunedGPT):
         raise ChatforgeError(f"{init}: a P-tuned model's virtual prompt cannot carry a reward head; start from its base")
     if not isinstance(model, ScalarModel):
-        model = ScalarModel.from_lm(model)  # the head is drawn from torch's RNG: seed first
+        model = ScalarModel.from_lm(model, cfg.likelihood)  # the head is drawn from torch's RNG: seed first
+    elif cfg.likelihood and not model.reads_likelihood:  # continuing a reward model keeps its form
+        raise ChatforgeError(f"{init}: a reward model without an LM head cannot add likelihood = {cfg.likelihood}")
     if cfg.method == "lora":
         attach_lora(model, cfg.lora())
         model.score.requires_grad_(True)
+        if model.reads_likelihood:
+            model.likelihood_weight.requires_grad_(True)
     else:
         model.requires_grad_(True)
     return model, tokenizer, meta
 
 
 def reference_sequences(cfg: RewardConfig, init_meta: dict[str, Any], tokenizer: Tokenizer, context: int,
-                        train: list[Comparison]) -> tuple[list[list[int]], str]:
+                        train: list[Comparison]) -> tuple[list[Scored], str]:
     """The demonstrations whose mean reward is set to 0: --reference, the world's or the SFT run's sft data,
     else the best answer of each training comparison. Returns (sequences, where they came from)."""
     candidates = [cfg.reference] if cfg.reference else (
@@ -411,13 +430,13 @@ def heldout_metrics(model: torch.nn.Module, items: list[EncodedComparison], pad_
     return {"val_loss": loss.item(), "val_accuracy": accuracy.item()}
 
 
-def normalisation(model: torch.nn.Module, reference: list[list[int]], pad_id: int) -> tuple[float, float]:
+def normalisation(model: torch.nn.Module, reference: list[Scored], pad_id: int) -> tuple[float, float]:
     """(mean, std) of the reward over the reference demonstrations."""
     rewards = torch.tensor(score_sequences(model, reference, pad_id), dtype=torch.float64)
     return rewards.mean().item(), rewards.std(correction=0).item()
 
 
-def reward_saver(tokenizer: Tokenizer, meta: dict[str, Any], reference: list[list[int]]) -> Any:
+def reward_saver(tokenizer: Tokenizer, meta: dict[str, Any], reference: list[Scored]) -> Any:
     """The loop's save_fn: the reward model with LoRA merged and the head's bias shifted so the reference
     demonstrations score mean 0; the shift and the reference's reward std (`reward_scale`) go to meta.json.
     The training model is left as it is (resume continues from the unshifted weights)."""
