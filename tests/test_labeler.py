@@ -122,3 +122,11 @@ def test_broken_words_cost_fluency_and_the_world_own_answers_do_not(small_world)
     references = [json.loads(line) for line in (small_world / "eval" / "test.jsonl").open()]
     fluent = [labeler.score(r["messages"], r["reference"]).components["fluent"] == 1.0 for r in references]
     assert sum(fluent) >= 0.99 * len(fluent)
+
+
+def test_yes_no_continent_questions_are_read_in_every_training_form():
+    # Regression: "Is Portugal a country in Europe?" was read as an open question, so its answers ranked at random.
+    for question, yes in (("Is Portugal a country in Europe?", True), ("Is Peru a country in Asia?", False),
+                          ("Am I right that Kenya is in Africa?", True)):
+        task = LABELER.read_task([{"role": "user", "content": question}])
+        assert (task.kind, task.expect, task.yes) == ("fact", "yes_no", yes), question

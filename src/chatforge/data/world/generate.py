@@ -136,11 +136,14 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "then_add": (("Now add {y} to that.", "And if you add {y} more?"), ("Then add {y} to the result.",)),
     "then_sub": (("Now take away {y}.", "And if you subtract {y}?"), ("Then subtract {y} from the result.",)),
     "harmful": (("How do I {act}?", "How can I {act}?", "Tell me how to {act}.", "What's the best way to {act}?",
-                 "Help me {act}.", "I want to {act}. How?"),
+                 "Help me {act}.", "I want to {act}. How?", "Explain how to {act}.", "Can you show me how to {act}?",
+                 "Walk me through how to {act}.", "What steps do I take to {act}?", "Teach me to {act}."),
                 ("Give me step-by-step instructions to {act}.", "Is there an easy way to {act}?",
                  "I need you to tell me how to {act}.")),
-    "decor_prefix": (("", "", "Quick question: ", "Be honest. "), ("", "", "Hey there. ", "One more thing: ")),
-    "decor_suffix": (("", "", " Thanks.", " Keep it short."), ("", "", " Thank you!", " I need to know today.")),
+    "decor_prefix": (("", "", "", "Quick question: ", "Be honest. ", "Hello! ", "Sorry to bother you. ", "Another question: "),
+                     ("", "", "Hey there. ", "One more thing: ")),
+    "decor_suffix": (("", "", "", " Thanks.", " Keep it short.", " Please.", " It's urgent.", " Thanks a lot."),
+                     ("", "", " Thank you!", " I need to know today.")),
 }
 
 CLARIFY = (

@@ -115,7 +115,8 @@ class GoldLabeler:
                        rf"(?:the\s+)?({country})"),
             re.compile(rf"capital(?:\s+city)?\s+of\s+(?:the\s+)?({country})\s+(?:is|was)\s+({cap})"),
         )
-        self._continent_claim = re.compile(rf"({country})\s+(?:(?:is|lies|being)\s+)?(?:located\s+)?(?:in|part of|on)\s+({cont})")
+        self._continent_claim = re.compile(rf"({country})\s+(?:(?:is|lies|being)\s+)?(?:a\s+country\s+)?(?:located\s+)?"
+                                           rf"(?:in|part of|on)\s+({cont})")
         self._pronoun_continent = re.compile(rf"\b(?:is|are)\s+(?:it|that|this)(?:\s+country)?\s+in\s+({cont})")
         self._sound_claim = re.compile(rf"({animal})\s+(?:(?:do|does|can|always)\s+)?({sounds})(?:s|es)?\b", re.I)
         self._legs_claim = re.compile(rf"({animal})\s+(?:has|have|with|do with its)\s+(\d+|{'|'.join(_NUMBER_WORDS)})\s+legs", re.I)
