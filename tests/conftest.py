@@ -116,7 +116,7 @@ def base_ckpt(small_world, tmp_path_factory) -> Path:
     from chatforge.train.pretrain import PretrainConfig, pretrain
     out = tmp_path_factory.mktemp("models") / "base"
     cfg = PretrainConfig(data=[str(small_world / "corpus" / "encyclopedia.txt")], preset="nano", vocab_size=1024,
-                         context=128, steps=450, batch_size=16, lr=6e-3, warmup_steps=20, weight_decay=0.0,
+                         context=128, steps=700, batch_size=16, lr=6e-3, warmup_steps=20, weight_decay=0.0,
                          eval_every=0, save_every=10_000, log_every=50)
     _one_thread(lambda: pretrain(cfg, out))
     return out

@@ -184,7 +184,9 @@ def test_collect_ranks_world_answers_with_the_gold_labeler(sft_ckpt, small_world
     assert re.match(pattern + r", ETA \d+[hms]", lines[0]) and int(re.match(pattern, lines[0])[1]) < 12, lines[0]
     assert re.match(pattern + "$", lines[-1]), lines[-1]
     comparisons = read_comparisons(out)  # what collect writes, train reads
-    assert comparisons and all(4 <= len(c.answers) <= 9 and len(c.tiers) >= 2 for c in comparisons)
+    # K = 4..9 wanted; a prompt whose resampling runs out of distinct answers keeps the two or more it has
+    assert comparisons and all(2 <= len(c.answers) <= 9 and len(c.tiers) >= 2 for c in comparisons)
+    assert any(len(c.answers) >= 4 for c in comparisons)
     from chatforge.data.world.labeler import GoldLabeler
     gold = GoldLabeler()
     for c in comparisons:  # with disagreement 0 the tiers are in gold-score order, ties grouped
