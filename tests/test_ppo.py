@@ -103,7 +103,7 @@ def test_ppo_optimizer_moves_weights_as_plain_adamw(rl_toy):
     """PPO's AdamW is fused on the CPU (one pass per tensor); the weights it reaches are the unfused ones'."""
     from contextlib import nullcontext
 
-    from chatforge.train.loop import TrainConfig
+    from chatforge.train.loop import TrainConfig, make_optimizer
     states = []
     for fused in (True, False):
         models = toy_models(rl_toy)
@@ -112,8 +112,9 @@ def test_ppo_optimizer_moves_weights_as_plain_adamw(rl_toy):
         score(models, exp, prompts, cfg, RunningMoments(), nullcontext())
         compute_advantages(exp, cfg.kl_coef, cfg)
         train_cfg = TrainConfig(steps=8, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
-        optimizer = ppo.make_ppo_optimizer(ppo._named(models.policy), ppo._named(models.value), cfg, train_cfg,
-                                           torch.device("cpu"))
+        optimizer = make_optimizer([{"params": list(ppo._named(models.policy).values()), "lr": cfg.lr},
+                                    {"params": list(ppo._named(models.value).values()), "lr": cfg.value_lr}],
+                                   train_cfg, torch.device("cpu"), fused_on_cpu=True)
         assert optimizer.defaults["fused"]
         if not fused:
             optimizer = torch.optim.AdamW([{k: g[k] for k in ("params", "lr", "base_lr")} for g in optimizer.param_groups],
