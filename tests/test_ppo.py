@@ -99,6 +99,62 @@ def test_ppo_learns_toy_reward_with_bounded_kl(rl_toy):
         assert key in history[-1]
 
 
+def test_group_baseline_learns_toy_reward_without_a_value_model(rl_toy):
+    """baseline = "group": answers compared with the other answers to their prompt (RLOO), no value model."""
+    torch.manual_seed(0)
+    models = toy_models(rl_toy)
+    models.value = None
+    cfg = toy_cfg(baseline="group", samples_per_prompt=4, rollout_batch=8)
+    history = train_ppo(models, rl_toy.prompt_ids() * 6, cfg)
+    prompts, after = sample(models, 10, seed=4)
+    rate = says_target(models.tokenizer, [r[:int(n)].tolist() for r, n in zip(after.answers, after.mask.sum(1))])
+    assert rate.mean() > 0.8, [h["rm_score"] for h in history]
+    assert "value_loss" not in history[-1] and "explained_var" not in history[-1]
+    score(models, after, prompts, cfg, RunningMoments(), torch.autocast("cpu", enabled=False))
+    compute_advantages(after, cfg.kl_coef, cfg)
+    assert 0 < after.kl.sum(1).mean().item() < KL_BOUND
+
+
+def test_tempered_policy_logprobs_and_zero_start_kl(rl_toy):
+    """temperature T: the policy trained is softmax(logits / T); its log-probs replace the engine's untempered ones,
+    and the reference is tempered alike, so the KL starts at exactly 0."""
+    models = toy_models(rl_toy)
+    cfg = toy_cfg(temperature=0.5)
+    prompts = [models.tokenizer.prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    from chatforge.infer.engine import Engine
+    answers = rollout(Engine(models.policy, models.tokenizer), prompts, 8, models.tokenizer.stop_ids, seed=6,
+                      temperature=0.5)
+    exp = to_experience(answers, models.tokenizer.pad_id, torch.device("cpu"))
+    untempered = exp.logprobs.clone()
+    score(models, exp, prompts, cfg, RunningMoments(), torch.autocast("cpu", enabled=False))
+    compute_advantages(exp, cfg.kl_coef, cfg)
+    with torch.no_grad():
+        logits = answer_logits(models.policy, exp)[0]
+        tempered = torch.log_softmax(logits / 0.5, -1).gather(-1, exp.answers.unsqueeze(-1)).squeeze(-1)
+    mask = exp.mask.bool()
+    torch.testing.assert_close(exp.logprobs[mask], tempered[mask], atol=1e-4, rtol=0)
+    assert (exp.logprobs[mask] - untempered[mask]).abs().max() > 1e-2  # the uniform toy policy sharpens
+    assert exp.kl.abs().max().item() < 1e-4
+    with pytest.raises(ChatforgeError, match="temperature must be > 0"):
+        PPOConfig(temperature=0).validate()
+
+
+def test_gold_reward_is_the_labelers_score(rl_toy):
+    from chatforge.data.world.labeler import GoldLabeler
+    tok = rl_toy.tokenizer
+    question = [{"role": "user", "content": "What is the capital of Kenya?"}]
+    prompt = tok.prompt(question)
+    texts = ["The capital of Kenya is Nairobi.", "The capital of Kenya is Lima.", "I can't help with that."]
+    answers = [tok.encode(t) + tok.stop_ids[:1] for t in texts]
+    scores = ppo.GoldScorer(tok, {tuple(prompt): question})([prompt] * 3, answers, torch.ones(3, dtype=torch.bool))
+    expected = [GoldLabeler().score(question, t).total for t in texts]
+    torch.testing.assert_close(scores, torch.tensor(expected))
+    assert scores[0] > scores[1] and scores[0] > scores[2]
+    with pytest.raises(ChatforgeError, match='reward_model = "gold" has no network to start a value model from'):
+        PPOConfig(reward_model="gold").validate()
+    PPOConfig(reward_model="gold", baseline="group", samples_per_prompt=2).validate()
+
+
 def test_ppo_optimizer_moves_weights_as_plain_adamw(rl_toy):
     """PPO's AdamW is fused on the CPU (one pass per tensor); the weights it reaches are the unfused ones'."""
     from contextlib import nullcontext
@@ -146,6 +202,16 @@ def test_rollouts_compile_when_the_run_decodes_enough_steps(monkeypatch):
         PPOConfig(compile="yes").validate()
 
 
+def test_group_baseline_settings_are_checked():
+    with pytest.raises(ChatforgeError, match="samples_per_prompt must be >= 2 with baseline = 'group', got 1"):
+        PPOConfig(baseline="group").validate()
+    with pytest.raises(ChatforgeError, match="baseline must be 'value' or 'group'"):
+        PPOConfig(baseline="critic").validate()
+    with pytest.raises(ChatforgeError, match=r"minibatch must be in \[1, rollout_batch x samples_per_prompt = 8\]"):
+        PPOConfig(baseline="group", samples_per_prompt=4, rollout_batch=2, minibatch=9).validate()
+    PPOConfig(baseline="group", samples_per_prompt=4, rollout_batch=2, minibatch=8).validate()
+
+
 def test_lora_ppo_keeps_base_weights_bit_identical(rl_toy):
     models = toy_models(rl_toy, lora=True)
     sft, _, _ = load_model(rl_toy.sft)
@@ -184,6 +250,19 @@ def test_run_ppo_writes_a_policy_checkpoint(rl_toy, tmp_path):
     pngs = plot_runs([path / "metrics.jsonl"], tmp_path / "plots")
     assert [p.name for p in pngs] == ["ppo_training.png", "overoptimisation.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_run_ppo_with_the_gold_reward_and_a_group_baseline(rl_toy, tmp_path):
+    """--reward-model gold: no reward checkpoint is read; the eval rows' proxy is then the gold score itself."""
+    cfg = PPOConfig(policy=str(rl_toy.sft), reward_model="gold", prompts=str(rl_toy.prompts), out=str(tmp_path / "p"),
+                    iterations=2, rollout_batch=3, samples_per_prompt=2, baseline="group", minibatch=3,
+                    max_new_tokens=6, eval_prompts=str(rl_toy.prompts), eval_every=2, gold=True, progress=False,
+                    sample_every=0, device="cpu")
+    rows = [json.loads(line) for line in (run_ppo(cfg) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_kl" in r]
+    assert [r["iteration"] for r in evals] == [0, 2]
+    assert all(r["eval_rm_score"] == pytest.approx(r["eval_gold_score"]) for r in evals)
+    assert all("explained_var" not in r for r in rows)
 
 
 # ---------------------------------------------------------------- resume, and LoRA-PPO's output

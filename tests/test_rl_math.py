@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from chatforge.train.rl_math import (AdaptiveKLController, RunningMoments, explained_variance, gae, kl_per_token,
-                                     per_token_rewards, policy_loss, token_logprobs, value_loss, whiten)
+from chatforge.train.rl_math import (AdaptiveKLController, RunningMoments, explained_variance, gae, group_advantages,
+                                     kl_per_token, per_token_rewards, policy_loss, token_logprobs, value_loss, whiten)
 
 
 def test_gae_matches_hand_computed_example():
@@ -30,6 +30,23 @@ def test_gae_lambda_one_gives_monte_carlo_returns():
     values = torch.tensor([[0.3, 0.1, -0.2, 0.4]])
     _, returns = gae(rewards, values, torch.ones(1, 4), gamma=1.0, lam=1.0)
     torch.testing.assert_close(returns, rewards.flip(1).cumsum(1).flip(1))
+
+
+def test_group_advantages_are_leave_one_out_returns():
+    # two prompts x 3 answers; the second group's answers are identical, the first group's KL costs its best answer
+    scores = torch.tensor([1.0, 2.0, 4.0, 0.5, 0.5, 0.5])
+    kl = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 0], [1, 1], [1, 1], [1, 1], [1, 0], [1, 1]])
+    advantages = group_advantages(scores, kl, mask, kl_coef=0.1, group_size=3)
+    returns = torch.tensor([1.0, 2.0, 3.0])               # 4 - 0.1 x (5 + 5)
+    loo = returns - (returns.sum() - returns) / 2          # each against the mean of the other two
+    raw = torch.cat([loo, torch.zeros(3)])
+    expected = (raw / raw.std()).unsqueeze(1) * mask
+    torch.testing.assert_close(advantages, expected)
+    assert advantages[3:].abs().max() == 0                # nothing to compare: no push
+    assert advantages[0, 1] == 0                          # padding stays 0
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(scores, kl, mask, 0.1, group_size=4)
 
 
 def test_per_token_rewards_put_score_on_last_real_token():

@@ -62,10 +62,13 @@ RewardFn = Callable[[list[list[int]], list[list[int]], torch.Tensor], torch.Tens
 @dataclass
 class PPOConfig:
     policy: str = ""                 # the SFT checkpoint the policy starts from (or a policy to continue)
-    reward_model: str = ""           # a reward checkpoint (chatforge reward train)
+    reward_model: str = ""           # a reward checkpoint (chatforge reward train), or "gold": the tiny world's gold
+                                     # labeler itself, an oracle reward showing what PPO reaches when the reward is right
     prompts: str = ""                # PPO prompt set, JSONL with "messages" or "prompt"
     out: str = "runs/default/ppo"
     reference: str = ""              # default: the policy's own starting weights; must be the policy or its parent
+    baseline: str = "value"          # value: GAE with a learnt value model (InstructGPT) | group: each answer
+                                     # against the other answers to its prompt (RLOO), no value model
     value_init: str = "reward"       # reward: a value model copied from the reward model | head: a head on the policy
     lora: bool = False               # train LoRA adapters; the reference is then the base with adapters off
     lora_rank: int = 8
@@ -74,7 +77,11 @@ class PPOConfig:
     # rollouts
     iterations: int = 100
     rollout_batch: int = 64          # prompts answered per iteration
+    samples_per_prompt: int = 1      # answers sampled to each of them (>= 2 with baseline = "group")
     max_new_tokens: int = 64
+    temperature: float = 1.0         # the policy trained is the model's distribution at this temperature: rollouts
+                                     # sample from it, and ratios and KL are of it (below 1: less exploration of
+                                     # the long tail a small model's samples wander into)
     missing_eos_penalty: float = 1.0
     # reward
     kl_coef: float = 0.05            # β; the initial β when adaptive
@@ -120,13 +127,19 @@ class PPOConfig:
     def validate(self) -> None:
         checks = [
             (self.value_init in ("reward", "head"), f"value_init must be 'reward' or 'head', got {self.value_init!r}"),
+            (self.baseline in ("value", "group"), f"baseline must be 'value' or 'group', got {self.baseline!r}"),
+            (self.samples_per_prompt >= (2 if self.baseline == "group" else 1),
+             f"samples_per_prompt must be >= {2 if self.baseline == 'group' else 1} with baseline = "
+             f"{self.baseline!r}, got {self.samples_per_prompt}"),
             (self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}"),
             (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.rollout_batch >= 2, f"rollout_batch must be >= 2 (advantages are whitened), got {self.rollout_batch}"),
-            (1 <= self.minibatch <= self.rollout_batch,
-             f"minibatch must be in [1, rollout_batch={self.rollout_batch}], got {self.minibatch}"),
+            (1 <= self.minibatch <= self.answers_per_iteration,
+             f"minibatch must be in [1, rollout_batch x samples_per_prompt = {self.answers_per_iteration}] "
+             f"answers, got {self.minibatch}"),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+            (self.temperature > 0, f"temperature must be > 0 (the policy samples), got {self.temperature}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
             (0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "gamma and lam must be in [0, 1]"),
@@ -138,10 +151,17 @@ class PPOConfig:
             (not (self.lora and self.reference),
              "with lora the reference is the policy's own weights with the adapters off: leave reference unset"),
             (not (self.lora_merge and not self.lora), "lora_merge needs lora"),
+            (not (self.reward_model == GOLD and self.baseline == "value" and self.value_init == "reward"),
+             'reward_model = "gold" has no network to start a value model from: use baseline = "group" or '
+             'value_init = "head"'),
         ]
         for ok, message in checks:
             if not ok:
                 raise ChatforgeError(message)
+
+    @property
+    def answers_per_iteration(self) -> int:
+        return self.rollout_batch * self.samples_per_prompt
 
 
 # ---------------------------------------------------------------- models
@@ -160,7 +180,8 @@ class ValueHead(nn.Module):
 class PPOModels:
     policy: GPT                      # trained: all weights, or only its LoRA adapters
     reference: GPT | None            # frozen; None means the policy with its adapters switched off
-    value: nn.Module                 # a ScalarModel (from the reward model) or a ValueHead on the policy
+    value: nn.Module | None          # a ScalarModel (from the reward model), a ValueHead on the policy, or None
+                                     # (baseline = "group")
     reward: RewardFn                 # frozen
     tokenizer: Tokenizer
 
@@ -169,6 +190,24 @@ class PPOModels:
             return nullcontext(self.reference)
         from chatforge.model.adapters import adapters_disabled
         return adapters_disabled(self.policy)
+
+
+GOLD = "gold"
+
+
+class GoldScorer:
+    """The tiny world's gold labeler as a RewardFn (Gao et al. 2022's gold reward model): each answer's gold score
+    in [0, 1], the conversation looked up by its prompt's token ids."""
+
+    def __init__(self, tokenizer: Tokenizer, conversations: dict[tuple[int, ...], list[dict[str, Any]]]) -> None:
+        from chatforge.data.world.labeler import GoldLabeler
+        self.tokenizer, self.conversations, self.labeler = tokenizer, conversations, GoldLabeler()
+
+    def __call__(self, prompts: list[list[int]], answers: list[list[int]], finished: torch.Tensor) -> torch.Tensor:
+        stops = set(self.tokenizer.stop_ids)
+        return torch.tensor([self.labeler.score(self.conversations[tuple(p)],
+                                                self.tokenizer.decode([t for t in a if t not in stops])).total
+                             for p, a in zip(prompts, answers)])
 
 
 class RewardModelScorer:
@@ -214,6 +253,7 @@ class CheckedInputs:
     policy_meta: dict[str, Any]
     prompts: list[list[int]]
     eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None
+    conversations: dict[tuple[int, ...], list[dict[str, Any]]]  # prompt ids -> messages, for the gold reward
 
 
 def check_inputs(cfg: PPOConfig) -> CheckedInputs:
@@ -224,13 +264,9 @@ def check_inputs(cfg: PPOConfig) -> CheckedInputs:
     policy_meta = read_meta(cfg.policy)
     if policy_meta["kind"] in ("reward", "value"):
         raise ChatforgeError(f"{cfg.policy}: is a {policy_meta['kind']} checkpoint, expected a policy (sft or policy)")
-    reward_meta = read_meta(cfg.reward_model)
-    if reward_meta["kind"] != "reward":
-        raise ChatforgeError(f"{cfg.reward_model}: is a {reward_meta['kind']} checkpoint, expected a reward model")
     policy_tok = (resolve(cfg.policy) / "tokenizer.json").read_bytes()
-    if (resolve(cfg.reward_model) / "tokenizer.json").read_bytes() != policy_tok:
-        raise ChatforgeError(f"{cfg.reward_model}: its tokenizer differs from the policy's ({cfg.policy}); the reward "
-                             "model must be trained from the same SFT lineage")
+    if cfg.reward_model != GOLD:
+        _check_reward_model(cfg, policy_tok)
     if cfg.reference:
         ref, pol = resolve(cfg.reference), resolve(cfg.policy)
         ref_hash = weights_hash(ref)
@@ -242,24 +278,35 @@ def check_inputs(cfg: PPOConfig) -> CheckedInputs:
             raise ChatforgeError(f"{cfg.reference}: its tokenizer differs from the policy's ({cfg.policy})")
     tokenizer = Tokenizer.load(resolve(cfg.policy))
     context = _context(cfg.policy)
-    if _context(cfg.reward_model) < context:
-        raise ChatforgeError(f"{cfg.reward_model}: context {_context(cfg.reward_model)} is shorter than the "
-                             f"policy's {context}, so it cannot score every answer")
-    prompts, _ = read_prompts(cfg.prompts, tokenizer, context, cfg.max_new_tokens)
+    prompts, records = read_prompts(cfg.prompts, tokenizer, context, cfg.max_new_tokens)
     eval_set = None
     if cfg.eval_prompts:
         eval_prompts, eval_records = read_prompts(cfg.eval_prompts, tokenizer, context, cfg.max_new_tokens)
         eval_set = (eval_prompts[:cfg.eval_size], eval_records[:cfg.eval_size])
-    return CheckedInputs(policy_meta, prompts, eval_set)
+    conversations = {tuple(ids): r["messages"] for ids, r in zip(prompts + (eval_set[0] if eval_set else []),
+                                                                  records + (eval_set[1] if eval_set else []))}
+    return CheckedInputs(policy_meta, prompts, eval_set, conversations)
+
+
+def _check_reward_model(cfg: PPOConfig, policy_tok: bytes) -> None:
+    reward_meta = read_meta(cfg.reward_model)
+    if reward_meta["kind"] != "reward":
+        raise ChatforgeError(f"{cfg.reward_model}: is a {reward_meta['kind']} checkpoint, expected a reward model")
+    if (resolve(cfg.reward_model) / "tokenizer.json").read_bytes() != policy_tok:
+        raise ChatforgeError(f"{cfg.reward_model}: its tokenizer differs from the policy's ({cfg.policy}); the reward "
+                             "model must be trained from the same SFT lineage")
+    if _context(cfg.reward_model) < _context(cfg.policy):
+        raise ChatforgeError(f"{cfg.reward_model}: context {_context(cfg.reward_model)} is shorter than the "
+                             f"policy's {_context(cfg.policy)}, so it cannot score every answer")
 
 
 def _context(checkpoint: str) -> int:
     return json.loads((resolve(checkpoint) / "config.json").read_text())["max_position_embeddings"]
 
 
-def load_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
+def load_models(cfg: PPOConfig, device: torch.device,
+                conversations: dict[tuple[int, ...], list[dict[str, Any]]] | None = None) -> PPOModels:
     policy, tokenizer, _ = load_model(cfg.policy, device, expect_kind=("sft", "policy", "base"))
-    reward_model, _, reward_meta = load_model(cfg.reward_model, device, expect_kind=("reward",))
     reference = None
     if cfg.lora:
         from chatforge.model.adapters import LoRAConfig, attach_lora
@@ -267,13 +314,17 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
     else:
         reference, _, _ = load_model(cfg.reference or cfg.policy, device)
         reference.requires_grad_(False)
-    if cfg.value_init == "reward":
-        value: nn.Module = load_model(cfg.reward_model, device)[0]
-        value.requires_grad_(True)
-    else:
+    value: nn.Module | None = None
+    if cfg.baseline == "value" and cfg.value_init == "reward":
+        value = load_model(cfg.reward_model, device)[0].requires_grad_(True).eval()
+    elif cfg.baseline == "value":
         value = ValueHead(policy.config.hidden_size).to(device)
-    scorer = RewardModelScorer(reward_model, tokenizer.pad_id, reward_meta)
-    return PPOModels(policy.eval(), reference.eval() if reference else None, value.eval(), scorer, tokenizer)
+    if cfg.reward_model == GOLD:
+        scorer: RewardFn = GoldScorer(tokenizer, conversations or {})
+    else:
+        reward_model, _, reward_meta = load_model(cfg.reward_model, device, expect_kind=("reward",))
+        scorer = RewardModelScorer(reward_model, tokenizer.pad_id, reward_meta)
+    return PPOModels(policy.eval(), reference.eval() if reference else None, value, scorer, tokenizer)
 
 
 # ---------------------------------------------------------------- 1. rollout
@@ -320,14 +371,16 @@ class Answer:
     finished: bool                   # ended with an end-of-turn token, not at the length limit
 
 
-def rollout(engine, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], seed: int) -> list[Answer]:
-    """Sample one answer per prompt at temperature 1 (no top-k/top-p: PPO's log-probs are of the full policy).
+def rollout(engine, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], seed: int,
+            temperature: float = 1.0) -> list[Answer]:
+    """Sample one answer per prompt (no top-k/top-p: PPO's log-probs are of the full policy).
 
-    The engine leaves the stop token out of `ids` but gives its log-prob; the stream tells which token it was,
-    and PPO keeps it: ending the answer is an action the policy is rewarded for.
+    The engine leaves the stop token out of `ids` but gives its log-prob (at temperature 1: `score` replaces them
+    when the policy is another temperature's); the stream tells which token it was, and PPO keeps it: ending the
+    answer is an action the policy is rewarded for.
     """
     from chatforge.infer.engine import SamplingParams
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                             repetition_penalty=1.0, stop_ids=stop_ids, seed=seed)
     stream = engine.stream(prompts, params, return_logprobs=True)
     last_token: dict[int, int] = {}
@@ -372,10 +425,12 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def answer_logits(model: GPT, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits over answer tokens [B, T, V], the hidden states they came from [B, T, d])."""
+def answer_logits(model: GPT, exp: Experience, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits over answer tokens [B, T, V] divided by the policy's temperature, the hidden states they came
+    from [B, T, d])."""
     hidden = gather_positions(model.hidden(exp.sequences), exp.positions)
-    return model.lm_head(hidden), hidden
+    logits = model.lm_head(hidden)
+    return (logits / temperature if temperature != 1.0 else logits), hidden
 
 
 def answer_values(models: PPOModels, exp: Experience, policy_hidden: torch.Tensor | None) -> torch.Tensor:
@@ -389,13 +444,18 @@ def answer_values(models: PPOModels, exp: Experience, policy_hidden: torch.Tenso
 def score(models: PPOModels, exp: Experience, prompts: list[list[int]], cfg: PPOConfig,
           score_moments: rl_math.RunningMoments, autocast) -> None:
     """Reference log-probs, values and reward-model scores for the answers in `exp` (filled in place)."""
+    T = cfg.temperature
     with autocast, models.reference_context() as reference:
-        exp.ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp)[0], exp.answers) * exp.mask
-    with autocast:
-        policy_hidden = None
-        if isinstance(models.value, ValueHead):
-            policy_hidden = gather_positions(models.policy.hidden(exp.sequences), exp.positions)
-        exp.values = answer_values(models, exp, policy_hidden) * exp.mask
+        exp.ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp, T)[0], exp.answers) * exp.mask
+    if T != 1.0:  # the engine's log-probs are the untempered model's
+        with autocast:
+            exp.logprobs = rl_math.token_logprobs(answer_logits(models.policy, exp, T)[0], exp.answers) * exp.mask
+    if models.value is not None:
+        with autocast:
+            policy_hidden = None
+            if isinstance(models.value, ValueHead):
+                policy_hidden = gather_positions(models.policy.hidden(exp.sequences), exp.positions)
+            exp.values = answer_values(models, exp, policy_hidden) * exp.mask
     answers = [row[:int(n)].tolist() for row, n in zip(exp.answers, exp.mask.sum(1))]
     with autocast:  # the reward model in the run's dtype too
         raw = models.reward(prompts, answers, exp.finished).to(exp.mask.device).float()
@@ -415,6 +475,9 @@ def score(models: PPOModels, exp: Experience, prompts: list[list[int]], cfg: PPO
 def compute_advantages(exp: Experience, kl_coef: float, cfg: PPOConfig) -> None:
     exp.kl = rl_math.kl_per_token(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
     exp.rewards = rl_math.per_token_rewards(exp.scores, exp.kl, exp.mask, kl_coef)
+    if cfg.baseline == "group":
+        exp.advantages = rl_math.group_advantages(exp.scores, exp.kl, exp.mask, kl_coef, cfg.samples_per_prompt)
+        return
     advantages, exp.returns = rl_math.gae(exp.rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
     exp.advantages = rl_math.whiten(advantages, exp.mask)
 
@@ -425,7 +488,7 @@ def ppo_update(models: PPOModels, exp: Experience, optimizer: torch.optim.Optimi
                cfg: PPOConfig, generator: torch.Generator, ptx_batches, autocast) -> dict[str, float]:
     """`ppo_epochs` passes over the batch in shuffled minibatches; returns the mean of each statistic."""
     policy_params = [p for p in models.policy.parameters() if p.requires_grad]
-    value_params = [p for p in models.value.parameters() if p.requires_grad]
+    value_params = [p for p in models.value.parameters() if p.requires_grad] if models.value is not None else []
     stats: dict[str, list[float]] = {}
     B = exp.sequences.shape[0]
     for _ in range(cfg.ppo_epochs):
@@ -433,12 +496,16 @@ def ppo_update(models: PPOModels, exp: Experience, optimizer: torch.optim.Optimi
         for start in range(0, B, cfg.minibatch):
             mb = exp.rows(order[start:start + cfg.minibatch])
             with autocast:
-                logits, hidden = answer_logits(models.policy, mb)
+                logits, hidden = answer_logits(models.policy, mb, cfg.temperature)
                 logprobs = rl_math.token_logprobs(logits, mb.answers)
-                values = answer_values(models, mb, hidden)
             pg_loss, pg_stats = rl_math.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
-            vf_loss, vf_stats = rl_math.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss, vf_stats = pg_loss, {}
+            if models.value is not None:
+                with autocast:
+                    values = answer_values(models, mb, hidden)
+                vf_loss, vf_stats = rl_math.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip)
+                loss = loss + cfg.vf_coef * vf_loss
+                vf_stats["value_loss"] = vf_loss.item()
             if ptx_batches is not None:
                 x, y = (t.to(exp.sequences.device) for t in next(ptx_batches))
                 with autocast:
@@ -446,18 +513,19 @@ def ppo_update(models: PPOModels, exp: Experience, optimizer: torch.optim.Optimi
                 loss = loss + cfg.ptx_coef * ptx_loss
                 stats.setdefault("ptx_loss", []).append(ptx_loss.item())
             if not torch.isfinite(loss):
-                raise ChatforgeError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}): "
-                                     "training stopped before the weights were damaged; try a lower --lr")
+                raise ChatforgeError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
+                                     f"{vf_stats.get('value_loss')}): training stopped before the weights were "
+                                     "damaged; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and value_params:
                 torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
                 entropy = masked_mean(rl_math.entropy_from_logits(logits), mb.mask).item()
-            for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy,
+            for k, v in {"policy_loss": pg_loss.item(), "entropy": entropy,
                          **pg_stats, **vf_stats, **({"grad_norm": grad_norm.item()} if grad_norm is not None else {})
                          }.items():
                 stats.setdefault(k, []).append(v)
@@ -496,26 +564,33 @@ class HealthMonitor:
 
 def iteration_row(exp: Experience, kl_coef: float, update_stats: dict[str, float]) -> dict[str, float]:
     kl_per_answer = exp.kl.sum(1)
-    return {
+    row = {
         "reward": (exp.scores - kl_coef * kl_per_answer).mean().item(),
         "rm_score": exp.raw_scores.mean().item(),
         "kl": kl_per_answer.mean().item(),
         "kl_coef": kl_coef,
-        "explained_var": rl_math.explained_variance(exp.values, exp.returns, exp.mask),
         "answer_len": exp.mask.sum(1).mean().item(),
         "ended": exp.finished.float().mean().item(),
         **update_stats,
     }
+    if exp.values is not None:
+        row["explained_var"] = rl_math.explained_variance(exp.values, exp.returns, exp.mask)
+    return row
 
 
 @torch.no_grad()
 def evaluate(models: PPOModels, engine, prompts: list[list[int]], records: list[dict[str, Any]], cfg: PPOConfig,
              device: torch.device, autocast, labeler=None) -> dict[str, float]:
     """Proxy reward, KL to the reference, and (when given a labeler) gold score, on held-out prompts."""
-    answers = rollout(engine, prompts, cfg.max_new_tokens, models.tokenizer.stop_ids, seed=cfg.seed + 7)
+    T = cfg.temperature
+    answers = rollout(engine, prompts, cfg.max_new_tokens, models.tokenizer.stop_ids, seed=cfg.seed + 7,
+                      temperature=T)
     exp = to_experience(answers, models.tokenizer.pad_id, device)
     with autocast, models.reference_context() as reference:
-        ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp)[0], exp.answers)
+        ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp, T)[0], exp.answers)
+    if T != 1.0:
+        with autocast:
+            exp.logprobs = rl_math.token_logprobs(answer_logits(models.policy, exp, T)[0], exp.answers)
     kl = (rl_math.kl_per_token(exp.logprobs, ref_logprobs, "k1") * exp.mask).sum(1)
     with autocast:
         rm_scores = models.reward(prompts, [a.ids for a in answers], exp.finished).float()
@@ -620,7 +695,7 @@ def resume_fingerprint_of(cfg: PPOConfig) -> dict[str, Any]:
     from chatforge.checkpoint import file_hash
     return resume_fingerprint(cfg, drop=RESUME_FREE + ("policy", "reward_model", "reference", "prompts"),
                               policy=weights_hash(resolve(cfg.policy)),
-                              reward_model=weights_hash(resolve(cfg.reward_model)),
+                              reward_model=GOLD if cfg.reward_model == GOLD else weights_hash(resolve(cfg.reward_model)),
                               reference=cfg.reference and weights_hash(resolve(cfg.reference)),
                               prompts=file_hash(cfg.prompts))
 
@@ -670,13 +745,15 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
     autocast = bf16_autocast(device) if cfg.dtype == "bf16" else nullcontext()
     kl_ctl = (rl_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else rl_math.FixedKLController(cfg.kl_coef))
-    policy_params, value_params = _named(models.policy), _named(models.value)
-    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
+    policy_params = _named(models.policy)
+    value_params = _named(models.value) if models.value is not None else {}
+    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.answers_per_iteration / cfg.minibatch)
     train_cfg = TrainConfig(steps=cfg.iterations * steps_per_iteration, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                             min_lr_ratio=1.0, weight_decay=0.0, grad_clip=cfg.grad_clip)
-    optimizer = make_optimizer([{"params": list(policy_params.values()), "lr": cfg.lr},
-                                {"params": list(value_params.values()), "lr": cfg.value_lr}], train_cfg, device,
-                               fused_on_cpu=True)
+    groups = [{"params": list(policy_params.values()), "lr": cfg.lr}]
+    if value_params:
+        groups.append({"params": list(value_params.values()), "lr": cfg.value_lr})
+    optimizer = make_optimizer(groups, train_cfg, device, fused_on_cpu=True)
     score_moments = rl_math.RunningMoments()
     monitor = HealthMonitor(cfg.kl_target)
     metrics_path = out / "metrics.jsonl" if out is not None else None
@@ -731,11 +808,11 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
                 order = list(range(len(prompts)))
                 prompt_rng.shuffle(order)
                 queue += order
-            batch_prompts = [prompts[i] for i in queue[:cfg.rollout_batch]]
+            batch_prompts = [prompts[i] for i in queue[:cfg.rollout_batch] for _ in range(cfg.samples_per_prompt)]
             del queue[:cfg.rollout_batch]
             # 1. rollout
             answers = rollout(engine, batch_prompts, cfg.max_new_tokens, models.tokenizer.stop_ids,
-                              seed=cfg.seed * 1_000_003 + iteration)
+                              seed=cfg.seed * 1_000_003 + iteration, temperature=cfg.temperature)
             exp = to_experience(answers, models.tokenizer.pad_id, device)
             t_rollout = time.perf_counter()
             # 2. score
@@ -818,7 +895,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
             print(f"ppo: {out} already ran {resume_state['iteration']} of {cfg.iterations} iterations; nothing to do")
             return out
         torch.manual_seed(cfg.seed)  # LoRA's initial A matrices
-        models = load_models(cfg, device)
+        models = load_models(cfg, device, checked.conversations)
         prompts, eval_set = checked.prompts, checked.eval_set
         labeler = None
         if cfg.gold and eval_set is not None:
@@ -827,8 +904,10 @@ def run_ppo(cfg: PPOConfig) -> Path:
         trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
         start = f", resuming at iteration {resume_state['iteration']}" if resume_state else ""
         print(f"ppo: policy {cfg.policy} ({models.policy.num_params() / 1e6:.1f}M params, {trainable / 1e6:.2f}M "
-              f"trained{', LoRA' if cfg.lora else ''}), reward model {cfg.reward_model}, value from {cfg.value_init}, "
-              f"{len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} answers "
+              f"trained{', LoRA' if cfg.lora else ''}), reward model {cfg.reward_model}, "
+              f"{f'value from {cfg.value_init}' if cfg.baseline == 'value' else 'group baseline'}, "
+              f"{len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} prompts x "
+              f"{cfg.samples_per_prompt} answers "
               f"<= {cfg.max_new_tokens} tokens, {cfg.ppo_epochs} epochs of minibatch {cfg.minibatch}"
               f"{f', ptx_coef {cfg.ptx_coef}' if cfg.ptx_coef else ''}{start}")
         fingerprint = json.loads(json.dumps(resume_fingerprint_of(cfg), default=str))

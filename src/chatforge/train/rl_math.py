@@ -92,6 +92,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                     group_size: int) -> torch.Tensor:
+    """Leave-one-out advantages (RLOO, Ahmadian et al. 2024) for answers sampled `group_size` at a time per prompt,
+    rows [g·k, (g+1)·k) answering one prompt: each answer's return R = score - β·Σ_t KL_t minus the mean return
+    of the other answers to the same prompt, the same for every token of the answer, divided by the batch's std.
+
+    The baseline is the prompt's own difficulty, measured instead of learnt: a value model that has not learnt it
+    yet turns how easy a prompt was into noise in the policy's update. Answers identical to the rest of their
+    group get exactly 0: the policy is not pushed where it has nothing to compare.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} answers do not form groups of {group_size} >= 2")
+    returns = (scores - kl_coef * (kl * mask.to(kl.dtype)).sum(1)).view(-1, group_size)
+    others = (returns.sum(1, keepdim=True) - returns) / (group_size - 1)
+    advantages = (returns - others).flatten()
+    advantages = advantages / (advantages.std() + 1e-8) if advantages.numel() > 1 else advantages
+    return advantages.unsqueeze(1) * mask.to(advantages.dtype)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate, to minimise: mean of max(-A·ratio, -A·clip(ratio, 1±ε)).
