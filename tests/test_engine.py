@@ -235,6 +235,8 @@ def test_default_policy_compiles_only_after_enough_decode_steps(tiny_lm, prompts
     assert engine.decode_steps == 4 and not engine._compiled_now()
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_ids=[]))
     assert engine._compiled_now() and not Engine(model, tokenizer)._compiled_now()
+    assert Engine(model, tokenizer, expected_steps=5)._compiled_now()  # a long job compiles from its first step
+    assert not Engine(model, tokenizer, expected_steps=4)._compiled_now()
     monkeypatch.setenv("CHATFORGE_COMPILE", "0")
     assert Engine(model, tokenizer).compile is False and Engine(model, tokenizer, compile=True).compile is True
 

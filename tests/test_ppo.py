@@ -185,19 +185,19 @@ def test_ppo_optimizer_moves_weights_as_plain_adamw(rl_toy):
         torch.testing.assert_close(tensor, states[1][name], atol=moved * 1e-3, rtol=0)
 
 
-def test_rollouts_compile_when_the_run_decodes_enough_steps(monkeypatch):
+def test_rollouts_compile_when_the_run_decodes_enough_steps(rl_toy, monkeypatch):
     from chatforge.infer.engine import COMPILE_AFTER_STEPS
-    from chatforge.train.ppo import compiles_rollouts
+    from chatforge.train.ppo import rollout_engine
     monkeypatch.delenv("CHATFORGE_COMPILE", raising=False)
-    cpu = torch.device("cpu")
+    models = toy_models(rl_toy)
     cfg = PPOConfig(max_new_tokens=64)
     enough = COMPILE_AFTER_STEPS // 64
-    assert compiles_rollouts(cfg, enough, cpu) and not compiles_rollouts(cfg, enough - 1, cpu)
-    assert not compiles_rollouts(cfg, enough, torch.device("meta"))
-    assert compiles_rollouts(PPOConfig(compile="on"), 1, cpu)
-    assert not compiles_rollouts(PPOConfig(compile="off"), 10 * enough, cpu)
+    assert rollout_engine(models, cfg, enough)._compiled_now()
+    assert not rollout_engine(models, cfg, enough - 1)._compiled_now()
+    assert rollout_engine(models, PPOConfig(compile="on"), 1)._compiled_now()
+    assert not rollout_engine(models, PPOConfig(compile="off"), 10 * enough)._compiled_now()
     monkeypatch.setenv("CHATFORGE_COMPILE", "0")
-    assert not compiles_rollouts(cfg, 10 * enough, cpu)
+    assert not rollout_engine(models, cfg, 10 * enough)._compiled_now()
     with pytest.raises(ChatforgeError, match="compile must be auto, on or off"):
         PPOConfig(compile="yes").validate()
 

@@ -99,14 +99,15 @@ class Engine:
     without gradients and in eval mode (a model in training mode is switched back after every forward).
 
     The decode step can run through torch.compile (see `_decode_step`): `compile=True` from the first step,
-    False never, None (the default) once this engine has decoded `COMPILE_AFTER_STEPS` steps eagerly, so that
-    a short job never waits for the compiler and a long one (PPO, evaluation, serving) runs compiled. The
+    False never, None (the default) once this engine has decoded `COMPILE_AFTER_STEPS` steps eagerly (or from
+    the first step when the caller expects to run that many, `expected_steps`), so that a short job never waits
+    for the compiler and a long one (PPO, evaluation, serving) runs compiled. The
     environment variable CHATFORGE_COMPILE=0 or 1 changes that default. Without a working compiler the engine
     warns once and stays eager; the tokens are the same either way (up to float rounding).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, compile: bool | None = None) -> None:
+                 dtype: torch.dtype | None = None, compile: bool | None = None, expected_steps: int = 0) -> None:
         if device is not None or dtype is not None:
             model.to(device=pick_device(device) if device is not None else None, dtype=dtype)
         self.model = model
@@ -116,10 +117,12 @@ class Engine:
             compile = os.environ["CHATFORGE_COMPILE"] == "1"
         self.compile = compile
         self.decode_steps = 0  # run so far, for the default compile policy
+        self.expected_steps = expected_steps  # a caller's word for how many it will run (a PPO run's rollouts)
 
     def _compiled_now(self) -> bool:
         if self.compile is None:
-            return self.decode_steps >= COMPILE_AFTER_STEPS and self.device.type in ("cpu", "cuda")
+            steps = max(self.decode_steps, self.expected_steps)
+            return steps >= COMPILE_AFTER_STEPS and self.device.type in ("cpu", "cuda")
         return self.compile
 
     @classmethod

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -603,16 +602,13 @@ def evaluate(models: PPOModels, engine, prompts: list[list[int]], records: list[
 
 # ---------------------------------------------------------------- the outer loop
 
-def compiles_rollouts(cfg: PPOConfig, iterations_left: int, device: torch.device) -> bool:
-    """Whether the rollouts' decode step runs through torch.compile (`cfg.compile`): on auto, when the compiler's
-    one-off tens of seconds pay off over the decode steps left to run (COMPILE_AFTER_STEPS, as the engine's own
-    default), and never with CHATFORGE_COMPILE=0."""
-    from chatforge.infer.engine import COMPILE_AFTER_STEPS
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    if os.environ.get("CHATFORGE_COMPILE", "") in ("0", "1"):
-        return os.environ["CHATFORGE_COMPILE"] == "1"
-    return device.type in ("cpu", "cuda") and iterations_left * cfg.max_new_tokens >= COMPILE_AFTER_STEPS
+def rollout_engine(models: PPOModels, cfg: PPOConfig, iterations_left: int):
+    """The engine the rollouts run on. Its decode step is compiled when `cfg.compile` is on, never when off, and on
+    auto as the engine decides by default, told how many decode steps the run has left: the compiler's one-off
+    tens of seconds pay off only over thousands."""
+    from chatforge.infer.engine import Engine
+    return Engine(models.policy, models.tokenizer, compile={"on": True, "off": False}.get(cfg.compile),
+                  expected_steps=iterations_left * cfg.max_new_tokens)
 
 
 class Schedule:
@@ -737,7 +733,6 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
     """
     if token_cache is None:
         token_cache = (out.parent if out is not None else Path(tempfile.gettempdir())) / "token-cache"
-    from chatforge.infer.engine import Engine
     device = next(models.policy.parameters()).device
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -775,7 +770,7 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
         if metrics_path is not None:
             history = _trim_metrics(metrics_path, resume_state["metrics_lines"])
     scheduler = Schedule(optimizer, train_cfg, resume_state["schedule_steps"] if resume_state else 0)
-    engine = Engine(models.policy, models.tokenizer, compile=compiles_rollouts(cfg, cfg.iterations - done, device))
+    engine = rollout_engine(models, cfg, cfg.iterations - done)
     ptx_batches = (ptx_stream(cfg, models.tokenizer, token_cache, start=done * steps_per_iteration)
                    if cfg.ptx_coef > 0 else None)
 
