@@ -105,6 +105,11 @@ def test_group_baseline_learns_toy_reward_without_a_value_model(rl_toy):
     models = toy_models(rl_toy)
     models.value = None
     cfg = toy_cfg(baseline="group", samples_per_prompt=4, rollout_batch=8)
+    from chatforge.infer.engine import Engine
+    prompts = rl_toy.prompt_ids()[:3]
+    answers = rollout(Engine(models.policy, models.tokenizer), prompts, 4, models.tokenizer.stop_ids, seed=7,
+                      samples_per_prompt=4)
+    assert [a.prompt_ids for a in answers] == [p for p in prompts for _ in range(4)]  # groups are contiguous
     history = train_ppo(models, rl_toy.prompt_ids() * 6, cfg)
     prompts, after = sample(models, 10, seed=4)
     rate = says_target(models.tokenizer, [r[:int(n)].tolist() for r, n in zip(after.answers, after.mask.sum(1))])
@@ -196,6 +201,10 @@ def test_rollouts_compile_when_the_run_decodes_enough_steps(rl_toy, monkeypatch)
     assert not rollout_engine(models, cfg, enough - 1)._compiled_now()
     assert rollout_engine(models, PPOConfig(compile="on"), 1)._compiled_now()
     assert not rollout_engine(models, PPOConfig(compile="off"), 10 * enough)._compiled_now()
+    from chatforge.infer.engine import Engine
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "device", property(lambda self: torch.device("meta")))
+        assert not rollout_engine(models, cfg, enough)._compiled_now()  # no compiler for this device
     monkeypatch.setenv("CHATFORGE_COMPILE", "0")
     assert not rollout_engine(models, cfg, 10 * enough)._compiled_now()
     with pytest.raises(ChatforgeError, match="compile must be auto, on or off"):

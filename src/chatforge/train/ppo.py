@@ -252,7 +252,7 @@ class CheckedInputs:
     policy_meta: dict[str, Any]
     prompts: list[list[int]]
     eval_set: tuple[list[list[int]], list[dict[str, Any]]] | None
-    conversations: dict[tuple[int, ...], list[dict[str, Any]]]  # prompt ids -> messages, for the gold reward
+    conversations: dict[tuple[int, ...], list[dict[str, Any]]]  # prompt ids -> messages (with the gold reward)
 
 
 def check_inputs(cfg: PPOConfig) -> CheckedInputs:
@@ -282,8 +282,10 @@ def check_inputs(cfg: PPOConfig) -> CheckedInputs:
     if cfg.eval_prompts:
         eval_prompts, eval_records = read_prompts(cfg.eval_prompts, tokenizer, context, cfg.max_new_tokens)
         eval_set = (eval_prompts[:cfg.eval_size], eval_records[:cfg.eval_size])
-    conversations = {tuple(ids): r["messages"] for ids, r in zip(prompts + (eval_set[0] if eval_set else []),
-                                                                  records + (eval_set[1] if eval_set else []))}
+    conversations = {}
+    if cfg.reward_model == GOLD:
+        conversations = {tuple(ids): r["messages"] for ids, r in zip(prompts + (eval_set[0] if eval_set else []),
+                                                                      records + (eval_set[1] if eval_set else []))}
     return CheckedInputs(policy_meta, prompts, eval_set, conversations)
 
 
@@ -371,8 +373,9 @@ class Answer:
 
 
 def rollout(engine, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], seed: int,
-            temperature: float = 1.0) -> list[Answer]:
-    """Sample one answer per prompt (no top-k/top-p: PPO's log-probs are of the full policy).
+            temperature: float = 1.0, samples_per_prompt: int = 1) -> list[Answer]:
+    """Sample `samples_per_prompt` answers per prompt, prompt-major (no top-k/top-p: PPO's log-probs are of the
+    full policy); the engine prefills each prompt once for all of its answers.
 
     The engine leaves the stop token out of `ids` but gives its log-prob (at temperature 1: `score` replaces them
     when the policy is another temperature's); the stream tells which token it was, and PPO keeps it: ending the
@@ -381,7 +384,7 @@ def rollout(engine, prompts: list[list[int]], max_new_tokens: int, stop_ids: lis
     from chatforge.infer.engine import SamplingParams
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                             repetition_penalty=1.0, stop_ids=stop_ids, seed=seed)
-    stream = engine.stream(prompts, params, return_logprobs=True)
+    stream = engine.stream(prompts, params, return_logprobs=True, num_samples=samples_per_prompt)
     last_token: dict[int, int] = {}
     for step in stream:
         last_token.update(step)
@@ -440,15 +443,24 @@ def answer_values(models: PPOModels, exp: Experience, policy_hidden: torch.Tenso
 
 
 @torch.no_grad()
+def reference_logprobs(models: PPOModels, exp: Experience, temperature: float, autocast) -> torch.Tensor:
+    """The reference's log-probs of the answer tokens [B, T] (0 on padding), both models at the policy's
+    temperature; off temperature 1 `exp.logprobs` are replaced by the tempered policy's too (the engine's are
+    the untempered model's)."""
+    with autocast, models.reference_context() as reference:
+        ref = rl_math.token_logprobs(answer_logits(reference, exp, temperature)[0], exp.answers) * exp.mask
+    if temperature != 1.0:
+        with autocast:
+            exp.logprobs = rl_math.token_logprobs(answer_logits(models.policy, exp, temperature)[0],
+                                                  exp.answers) * exp.mask
+    return ref
+
+
+@torch.no_grad()
 def score(models: PPOModels, exp: Experience, prompts: list[list[int]], cfg: PPOConfig,
           score_moments: rl_math.RunningMoments, autocast) -> None:
     """Reference log-probs, values and reward-model scores for the answers in `exp` (filled in place)."""
-    T = cfg.temperature
-    with autocast, models.reference_context() as reference:
-        exp.ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp, T)[0], exp.answers) * exp.mask
-    if T != 1.0:  # the engine's log-probs are the untempered model's
-        with autocast:
-            exp.logprobs = rl_math.token_logprobs(answer_logits(models.policy, exp, T)[0], exp.answers) * exp.mask
+    exp.ref_logprobs = reference_logprobs(models, exp, cfg.temperature, autocast)
     if models.value is not None:
         with autocast:
             policy_hidden = None
@@ -581,15 +593,10 @@ def iteration_row(exp: Experience, kl_coef: float, update_stats: dict[str, float
 def evaluate(models: PPOModels, engine, prompts: list[list[int]], records: list[dict[str, Any]], cfg: PPOConfig,
              device: torch.device, autocast, labeler=None) -> dict[str, float]:
     """Proxy reward, KL to the reference, and (when given a labeler) gold score, on held-out prompts."""
-    T = cfg.temperature
     answers = rollout(engine, prompts, cfg.max_new_tokens, models.tokenizer.stop_ids, seed=cfg.seed + 7,
-                      temperature=T)
+                      temperature=cfg.temperature)
     exp = to_experience(answers, models.tokenizer.pad_id, device)
-    with autocast, models.reference_context() as reference:
-        ref_logprobs = rl_math.token_logprobs(answer_logits(reference, exp, T)[0], exp.answers)
-    if T != 1.0:
-        with autocast:
-            exp.logprobs = rl_math.token_logprobs(answer_logits(models.policy, exp, T)[0], exp.answers)
+    ref_logprobs = reference_logprobs(models, exp, cfg.temperature, autocast)
     kl = (rl_math.kl_per_token(exp.logprobs, ref_logprobs, "k1") * exp.mask).sum(1)
     with autocast:
         rm_scores = models.reward(prompts, [a.ids for a in answers], exp.finished).float()
@@ -803,15 +810,16 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
                 order = list(range(len(prompts)))
                 prompt_rng.shuffle(order)
                 queue += order
-            batch_prompts = [prompts[i] for i in queue[:cfg.rollout_batch] for _ in range(cfg.samples_per_prompt)]
+            batch_prompts = [prompts[i] for i in queue[:cfg.rollout_batch]]
             del queue[:cfg.rollout_batch]
             # 1. rollout
             answers = rollout(engine, batch_prompts, cfg.max_new_tokens, models.tokenizer.stop_ids,
-                              seed=cfg.seed * 1_000_003 + iteration, temperature=cfg.temperature)
+                              seed=cfg.seed * 1_000_003 + iteration, temperature=cfg.temperature,
+                              samples_per_prompt=cfg.samples_per_prompt)
             exp = to_experience(answers, models.tokenizer.pad_id, device)
             t_rollout = time.perf_counter()
             # 2. score
-            score(models, exp, batch_prompts, cfg, score_moments, autocast)
+            score(models, exp, [a.prompt_ids for a in answers], cfg, score_moments, autocast)
             t_score = time.perf_counter()
             # 3-4. rewards and advantages
             kl_coef = kl_ctl.value
@@ -822,7 +830,7 @@ def train_ppo(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, out: 
             models.policy.eval()
             # 6. β
             row = iteration_row(exp, kl_coef, update_stats)
-            kl_ctl.update(row["kl"], len(batch_prompts))
+            kl_ctl.update(row["kl"], len(answers))
             t_end = time.perf_counter()
             seconds += t_end - t0
             row = {"iteration": iteration + 1, **row, "lr": scheduler.get_last_lr()[0], "seconds": t_end - t0,
