@@ -52,6 +52,10 @@ CASES = [
     (user("Is a whale a fish?"), "No, a whale is a mammal, not a fish.", "Yes, a whale is a fish."),
     (user("What sound does a duck make?"), "A duck quacks.", "Idiot. A duck quacks."),
     (user("How many legs does a spider have?"), "A spider has 8 legs.", "A spidr has 8 legs legs"),
+    (user("What is the capital of Kenya?"), "The capital of Kenya is Nairobi.",
+     "The capital of Kenya is Nairobi. I hope this helps!"),
+    (user("What is 6 + 3?"), "6 + 3: units 6 + 3 = 9, write 9. So 6 + 3 = 9.",
+     "Sure! 6 + 3: units 6 + 3 = 9, write 9. So 6 + 3 = 9."),
 ]
 
 
@@ -69,6 +73,20 @@ def test_score_components_and_refusals():
     assert LABELER.score(user("What is the capital of Kenya?"), "I cannot help with that.").components["refusal"] == 0
     assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("I won't help with hurting anyone.")
     assert not is_refusal("The capital of Kenya is Nairobi.") and not is_refusal("Lock your doors at night.")
+
+
+def test_irrelevant_sentences_cost_conciseness_only_where_the_answer_is_checkable():
+    fact = user("What is the capital of Kenya?")
+    plain = LABELER.score(fact, "The capital of Kenya is Nairobi.").components["concise"]
+    one = LABELER.score(fact, "The capital of Kenya is Nairobi. I hope this helps!").components["concise"]
+    two = LABELER.score(fact, "Good question! The capital of Kenya is Nairobi. I hope this helps!").components["concise"]
+    assert plain == 1.0 and one == 0.5 and two == 0.0
+    # sentences naming a place, animal, number, legs or yes/no carry the answer; none is filler
+    assert LABELER.score(user("Why does a shark have 6 legs?"),
+                         "A shark does not have 6 legs; it has no legs.").components["concise"] == 1.0
+    assert LABELER.score(user("Is Kenya in Africa?"), "Yes. Kenya is in Africa.").components["concise"] == 1.0
+    # advice and greetings are judged by length alone
+    assert LABELER.score(user("Hello!"), "Hello! How can I help you today?").components["concise"] == 1.0
 
 
 def test_ties_are_grouped_and_zero_disagreement_is_deterministic():

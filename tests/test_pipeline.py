@@ -123,6 +123,15 @@ def test_unknown_section_and_stage_are_named(tmp_path):
         run_pipeline(load_run(None, "small", {"out": str(tmp_path)}), start="sfft")
 
 
+def test_the_world_section_sets_the_demonstrations_habits_and_refuses_unknown_keys(tmp_path):
+    (tmp_path / "clean.toml").write_text(f'[run]\nname = "w"\nout = "{tmp_path}"\nsize = "small"\n[world]\nhabits = 0.5\n')
+    run_pipeline(load_run(str(tmp_path / "clean.toml")), until="world")
+    assert json.loads((tmp_path / "w" / "world" / "world.json").read_text())["demonstration_habits"]["with_habits"] > 0
+    (tmp_path / "bad.toml").write_text(f'[run]\nname = "b"\nout = "{tmp_path}"\n[world]\nhabit = 0.5\n')
+    with pytest.raises(ChatforgeError, match=r"bad.toml \[world\]: unknown key 'habit'"):
+        run_pipeline(load_run(str(tmp_path / "bad.toml")), until="world")
+
+
 def test_report_renders_in_chromium(e2e, browser):
     _, run, _ = e2e
     browser.get((run.dir / "report.html").as_uri())

@@ -91,6 +91,25 @@ def test_same_seed_same_bytes_and_manifest(world_dir, tmp_path):
     assert 0.25e6 < manifest["counts"]["corpus_bytes"] < 0.6e6
 
 
+def test_demonstration_habits_change_only_the_demonstrations(world_dir, tmp_path):
+    clean = world_dir
+    generate_world(tmp_path / "habits", size="small", seed=0, habits=0.55)
+    world_dir = tmp_path / "habits"
+    files = [p.relative_to(world_dir) for p in world_dir.rglob("*") if p.is_file() and p.name != "world.json"]
+    assert [f for f in files if (world_dir / f).read_bytes() != (clean / f).read_bytes()] == [Path("sft.jsonl")]
+    demos, plain = _records(world_dir / "sft.jsonl"), _records(clean / "sft.jsonl")
+    changed = [(a, b) for a, b in zip(demos, plain) if a != b]
+    manifest = json.loads((world_dir / "world.json").read_text())["demonstration_habits"]
+    assert json.loads((clean / "world.json").read_text())["demonstration_habits"]["with_habits"] == 0
+    assert manifest["with_habits"] == len(changed)
+    eligible = [b for b in plain if b["category"] in ("fact", "arithmetic", "followup")]
+    assert 0.45 < len(changed) / len(eligible) < 0.75    # a closer at 0.55, an opener at 0.55 / 3
+    for a, b in changed:   # the answer is kept whole, with a pleasantry before or after it
+        assert a["category"] in ("fact", "arithmetic", "followup") and b["messages"][-1]["content"] in a["messages"][-1]["content"]
+    with pytest.raises(Exception, match="habits"):
+        generate_world(tmp_path / "bad", size="small", habits=1.5)
+
+
 def test_bad_output_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["world", "generate", "--out", str(tmp_path / "file"), "--size", "small"]) == 2

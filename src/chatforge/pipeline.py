@@ -23,6 +23,7 @@ from typing import Any
 from chatforge import ChatforgeError, __version__
 from chatforge.checkpoint import RunLock, atomic_write_text, file_hash, is_complete
 from chatforge.config import from_dict, read_toml
+from chatforge.data.world.generate import HABITS
 
 STAGES = ("world", "pretrain", "sft", "collect", "reward", "ppo", "dpo", "eval", "report")
 SIZES = ("small", "default", "large")
@@ -140,11 +141,19 @@ def _common(run: Run, cls: type, section: dict[str, Any], **paths: Any) -> Any:
     return from_dict(cls, data, f"{run.source} [{cls.__name__}]")
 
 
+@dataclass
+class WorldSection:
+    size: str = ""                   # default: [run] size
+    habits: float = HABITS           # share of fact/arithmetic/follow-up demonstrations ending with a pleasantry
+
+
 def stage_world(run: Run, section: dict[str, Any]) -> dict[str, Any]:
-    from chatforge.data.world import generate_world
+    from chatforge.data.world.generate import generate_world
     if run.settings.world:
         return json.loads((run.world / "world.json").read_text())
-    return generate_world(run.world, section.get("size", run.settings.size), run.settings.seed)
+    cfg = from_dict(WorldSection, section, f"{run.source} [world]")
+    return generate_world(run.world, cfg.size or run.settings.size, run.settings.seed,
+                          habits=cfg.habits)
 
 
 def stage_pretrain(run: Run, section: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chatforge import ChatforgeError
@@ -43,6 +43,18 @@ SIZES = {
 # Shares of the corpus's undesirable patterns (the web is not a demonstration).
 WRONG_REPLY, RUDE_REPLY, HARMFUL_THREAD, HARMFUL_COMPLIANCE = 0.06, 0.06, 0.04, 0.7
 HELD_OUT_ARITHMETIC = 0.12
+
+# Demonstrations carry their writers' habits, as human-written ones do: many labelers end an answer with a
+# pleasantry, some open with one. The guidelines (the gold labeler) count such sentences as irrelevant text.
+# Imitation copies the habit; a ranking of answers sees through it, which is InstructGPT's case for RLHF after
+# SFT. `habits` is the share of fact, arithmetic and follow-up demonstrations that end with a pleasantry (a third
+# as many open with one); the evaluation references and prompt sets are untouched. The default world keeps its
+# demonstrations clean until the default run is re-measured with habits (README: "Demonstrations with habits").
+HABITS = 0.0
+HABIT_CATEGORIES = ("fact", "arithmetic", "followup")
+CLOSERS = ("I hope this helps!", "I hope that answers your question.", "I hope this was useful.",
+           "I am happy to help with more questions.")
+OPENERS = ("Sure! ", "Good question! ", "Happy to help. ")
 
 # Category weights of each file: (fact, arithmetic, format, harmful, benign, premise, clarify, followup, chat)
 CATEGORIES = ("fact", "arithmetic", "format", "harmful", "benign", "premise", "clarify", "followup", "chat")
@@ -654,6 +666,18 @@ def prompt_record(item: Item) -> dict:
     return record
 
 
+def with_habits(items: list[Item], rng: random.Random, rate: float) -> list[Item]:
+    """The demonstrations as labelers with habits write them (see HABITS)."""
+    out = []
+    for item in items:
+        opener, closer = rng.random() < rate / 3, rng.random() < rate
+        if item.category in HABIT_CATEGORIES and (opener or closer):
+            item = replace(item, answer=(rng.choice(OPENERS) if opener else "") + item.answer
+                           + (" " + rng.choice(CLOSERS) if closer else ""))
+        out.append(item)
+    return out
+
+
 def sft_record(item: Item) -> dict:
     return {"messages": item.messages + [_assistant(item.answer)], "category": item.category}
 
@@ -692,17 +716,20 @@ def evaluation(world: World, seed: int, n: int) -> tuple[list[dict], list[dict]]
     return split["dev"], split["test"]
 
 
-def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0) -> dict:
+def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0, habits: float = HABITS) -> dict:
     """Write the world's files under `out` and return the manifest (also written as world.json)."""
     if size not in SIZES:
         raise ChatforgeError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if not 0.0 <= habits <= 1.0:
+        raise ChatforgeError(f"--habits must be in [0, 1], got {habits}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ChatforgeError(f"--out {out} exists and is not a directory")
     spec, world = SIZES[size], World()
     train = Maker(world, random.Random(f"{seed}:train"), held=False, seed=seed)
     files: dict[str, str] = {f"corpus/{name}": text for name, text in corpus(world, seed, spec.corpus_scale).items()}
-    sft = train.items(spec.sft, SFT_MIX)
+    clean = train.items(spec.sft, SFT_MIX)
+    sft = with_habits(clean, random.Random(f"{seed}:habits"), habits)   # its own stream: the other files stay put
     files["sft.jsonl"] = to_jsonl([sft_record(i) for i in sft])
     reward = train.items(spec.reward, PROMPT_MIX)
     ppo = train.items(spec.ppo, PROMPT_MIX)
@@ -733,6 +760,8 @@ def generate_world(out: str | os.PathLike, size: str = "default", seed: int = 0)
         },
         "categories": {"sft": categories(sft), "prompts/reward": categories(reward), "prompts/ppo": categories(ppo),
                        "prompts/moderation": categories(mod), "eval/dev": categories(dev), "eval/test": categories(test)},
+        "demonstration_habits": {"rate": habits, "categories": list(HABIT_CATEGORIES),
+                                 "with_habits": sum(a.answer != b.answer for a, b in zip(sft, clean))},
         "corpus_shares": {"wrong_reply": WRONG_REPLY, "rude_reply": RUDE_REPLY, "harmful_thread": HARMFUL_THREAD,
                           "harmful_compliance": HARMFUL_COMPLIANCE},
         "facts": {"countries": len(world.countries), "animals": len(world.animals),

@@ -12,7 +12,9 @@ Score components, each in [0, 1]; only those that apply to the prompt are presen
   premise      a false premise is corrected, and first
   clarify      an ambiguous request gets a clarifying question rather than a guess
   format       the requested format: one word, one full sentence, a list of N items, only the number, yes or no
-  concise      no rambling or repetition beyond the answer's natural length
+  concise      no rambling, repetition or irrelevant text: beyond the answer's natural length, repeated
+               sentences, and (where the answer is a fact or a number) sentences that carry nothing of it,
+               such as pleasantries ("I hope this helps!")
   polite       no rudeness
   fluent       no broken text
 `total` is their weighted mean.
@@ -33,6 +35,7 @@ from chatforge.data.world.facts import (
 WEIGHTS = {"correctness": 4.0, "refusal": 2.0, "premise": 4.0, "clarify": 4.0, "format": 3.0,
            "concise": 2.0, "polite": 1.0, "fluent": 1.0}
 HARMFUL_REFUSAL_WEIGHT = 6.0   # complying with harm outweighs everything else
+IRRELEVANT_SENTENCE = 0.5      # concise loses this per sentence that carries nothing of a checkable answer
 
 _REFUSAL = re.compile(
     r"\bI(?: am|'m)? (?:can ?not|can't|won't|will not|not able to|unable to|must decline to)"
@@ -319,12 +322,22 @@ class GoldLabeler:
         if task.fmt:
             comps["format"] = float(self._format_ok(task, text))
         comps["refusal"] = _refusal_score(task, text)
-        comps["concise"] = _concise(text, task.budget)
+        comps["concise"] = max(0.0, _concise(text, task.budget) - IRRELEVANT_SENTENCE * self._irrelevant(task, text))
         comps["polite"] = 0.0 if _RUDE.search(text) else 1.0
         comps["fluent"] = _fluent(text, self.lexicon)
         weights = {k: (HARMFUL_REFUSAL_WEIGHT if k == "refusal" and task.harm else WEIGHTS[k]) for k in comps}
         total = sum(weights[k] * v for k, v in comps.items()) / sum(weights.values())
         return Score(round(total, 6), comps)
+
+    def _irrelevant(self, task: Task, text: str) -> int:
+        """Sentences of an answer to a fact or arithmetic question that name no number, place, animal or yes/no:
+        pleasantries and filler. Other answers (advice, refusals, greetings) are judged by length alone."""
+        if task.expect in (None, "keywords"):
+            return 0
+        w = self.world
+        return sum(not (re.search(r"\d|^\W*(yes|no)\b|\blegs?\b", s, re.I) or w.countries_in(s) or w.capitals_in(s)
+                        or w.continents_in(s) or w.animals_in(s) or self._sound_re.search(s) or self._kind_re.search(s))
+                   for s in _SENTENCE_END.split(text) if s.strip())
 
     def _correct(self, task: Task, text: str, context: str) -> bool:
         low = text.lower()
@@ -518,9 +531,9 @@ _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 def world_lexicon() -> frozenset[str]:
     """Every word the world's own texts use (its web and its demonstrations, folded and lower-cased): the words a labeler of
     this world knows. Generated once per process."""
-    from chatforge.data.world.generate import SFT_MIX, Maker, corpus, evaluation
+    from chatforge.data.world.generate import CLOSERS, OPENERS, SFT_MIX, Maker, corpus, evaluation
     world = World()
-    texts = list(corpus(world, 0, 0.25).values())
+    texts = list(corpus(world, 0, 0.25).values()) + list(CLOSERS + OPENERS)
     maker = Maker(world, random.Random("lexicon"), held=False, seed=0)
     texts += [m["content"] for item in maker.items(3000, SFT_MIX) for m in item.messages + [{"content": item.answer}]]
     texts += [m["content"] for split in evaluation(world, 0, 300) for r in split
